@@ -1,0 +1,226 @@
+"""The engine's public entry points: build, simplify and contract a network.
+
+Each function takes a :class:`~tnbackpack.tn.spec.ConvSpec` and tensors and
+returns a tensor. ``simplified=False`` skips the strided-window rewrite (used
+by the tests to check both paths).
+"""
+
+from __future__ import annotations
+
+from math import prod
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import expressions
+from .network import TensorNetwork
+from .simplify import simplify
+from .spec import ConvSpec
+
+#: Largest number of elements a materialized block of per-sample VJPs may have
+#: before the batch is processed in chunks (2**25 floats = 128 MiB in float32).
+MAX_BLOCK_ELEMENTS = 2**25
+
+ROUTES = ("auto", "materialize", "contract")
+
+
+def _run(tn: TensorNetwork, simplified: bool) -> Tensor:
+    return (simplify(tn) if simplified else tn).contract()
+
+
+def forward(
+    spec: ConvSpec,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    output_size: Optional[Sequence[int]] = None,
+    simplified: bool = True,
+) -> Tensor:
+    """Layer output ``[N, C_out, *O]`` (see :func:`expressions.forward`)."""
+    return _run(expressions.forward(spec, x, weight, bias, output_size), simplified)
+
+
+def input_vjp(
+    spec: ConvSpec,
+    grad_output: Tensor,
+    weight: Tensor,
+    input_size: Sequence[int],
+    vectors: bool = False,
+    simplified: bool = True,
+) -> Tensor:
+    """VJP w.r.t. the input, ``[(V,) N, C_in, *I]``."""
+    tn = expressions.input_vjp(spec, grad_output, weight, input_size, vectors)
+    return _run(tn, simplified)
+
+
+def weight_vjp(
+    spec: ConvSpec, x: Tensor, grad_output: Tensor, simplified: bool = True
+) -> Tensor:
+    """Weight gradient summed over the batch, shaped like the weight."""
+    return _run(expressions.weight_vjp(spec, x, grad_output), simplified)
+
+
+def per_sample_weight_vjp(
+    spec: ConvSpec,
+    x: Tensor,
+    grad_output: Tensor,
+    vectors: bool = False,
+    simplified: bool = True,
+) -> Tensor:
+    """Per-sample weight VJPs ``[(V,) N, *weight]``."""
+    tn = expressions.per_sample_weight_vjp(spec, x, grad_output, vectors)
+    return _run(tn, simplified)
+
+
+def bias_vjp(
+    spec: ConvSpec,
+    grad_output: Tensor,
+    vectors: bool = False,
+    per_sample: bool = False,
+) -> Tensor:
+    """Bias VJP ``[(V,) (N,) C_out]``."""
+    tn = expressions.bias_vjp(spec, grad_output, vectors, per_sample)
+    return tn.contract()
+
+
+def unfold(
+    spec: ConvSpec,
+    x: Tensor,
+    output_size: Optional[Sequence[int]] = None,
+    simplified: bool = True,
+) -> Tensor:
+    """Patches ``[N, C_in·∏K, ∏O]`` in ``F.unfold``'s order."""
+    return _run(expressions.unfold(spec, x, output_size), simplified)
+
+
+def kfac_input_factor(
+    spec: ConvSpec,
+    x: Tensor,
+    approx: str = "expand",
+    output_size: Optional[Sequence[int]] = None,
+    simplified: bool = True,
+) -> Tensor:
+    """Input-side Kronecker factor ``[G, ci·∏K, ci·∏K]`` (``expand``/``reduce``)."""
+    tn = expressions.kfac_input_factor(spec, x, approx, output_size)
+    return _run(tn, simplified)
+
+
+def kfac_output_factor(spec: ConvSpec, sqrt_ggn: Tensor, approx: str = "expand") -> Tensor:
+    """Output-side Kronecker factor ``[G, co, co]`` from ``S [V, N, C_out, *O]``."""
+    return expressions.kfac_output_factor(spec, sqrt_ggn, approx).contract()
+
+
+# ------------------------------------------------------- squares of weight VJPs
+def _batch_chunk(tensor: Tensor, vectors: bool, start: int, stop: int) -> Tensor:
+    return tensor[:, start:stop] if vectors else tensor[start:stop]
+
+
+def _materialized_squares(
+    spec: ConvSpec,
+    x: Tensor,
+    grad_output: Tensor,
+    vectors: bool,
+    per_sample: bool,
+    sum_weight: bool,
+    simplified: bool,
+) -> Tensor:
+    """Square per-sample VJPs block by block over the batch (bounded memory)."""
+    batch = x.shape[0]
+    per_sample_elements = (grad_output.shape[0] if vectors else 1) * prod(
+        spec.weight_shape()
+    )
+    chunk = max(1, MAX_BLOCK_ELEMENTS // per_sample_elements)
+    parts = []
+    for start in range(0, batch, chunk):
+        stop = min(start + chunk, batch)
+        block = per_sample_weight_vjp(
+            spec,
+            x[start:stop],
+            _batch_chunk(grad_output, vectors, start, stop),
+            vectors,
+            simplified,
+        ).square_()
+        if vectors:
+            block = block.sum(0)
+        if sum_weight:
+            parts.append(block.flatten(1).sum(1))
+        elif per_sample:
+            parts.append(block)
+        else:
+            parts.append(block.sum(0))
+    if per_sample or sum_weight:
+        return torch.cat(parts)
+    return torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
+
+
+def choose_route(
+    spec: ConvSpec,
+    x: Tensor,
+    grad_output: Tensor,
+    vectors: bool,
+    per_sample: bool,
+    sum_weight: bool,
+) -> str:
+    """Pick the cheaper route for squared VJPs by opt_einsum's FLOP estimates.
+
+    ``materialize`` costs one per-sample VJP plus the squares; ``contract``
+    costs the two-copy network of :func:`expressions.squared_weight_vjp`,
+    whose intermediates grow with the square of the output positions.
+    """
+    vjp = expressions.per_sample_weight_vjp(spec, x, grad_output, vectors)
+    squared = expressions.squared_weight_vjp(
+        spec, x, grad_output, vectors, per_sample, sum_weight
+    )
+    lead = grad_output.shape[0] * x.shape[0] if vectors else x.shape[0]
+    materialize = simplify(vjp).cost() + 2 * lead * prod(spec.weight_shape())
+    contract = simplify(squared).cost()
+    return "contract" if contract < materialize else "materialize"
+
+
+def weight_vjp_squares(
+    spec: ConvSpec,
+    x: Tensor,
+    grad_output: Tensor,
+    vectors: bool = False,
+    per_sample: bool = False,
+    sum_weight: bool = False,
+    route: str = "auto",
+    simplified: bool = True,
+) -> Tensor:
+    """``Σ (J_wᵀ g)²`` over vectors (and batch unless ``per_sample``).
+
+    The common core of the diagonal GGN/Hessian (``vectors=True``: the columns
+    of a backpropagated square root), the sum of squared gradients
+    (``vectors=False``) and the squared per-sample gradient norms
+    (``per_sample=True, sum_weight=True``).
+
+    Args:
+        spec: The layer.
+        x: Layer input ``[N, C_in, *I]``.
+        grad_output: ``[N, C_out, *O]`` or ``[V, N, C_out, *O]`` (``vectors``).
+        vectors: Whether ``grad_output`` has a leading vector axis.
+        per_sample: Keep the batch axis.
+        sum_weight: Sum over the weight entries (needs ``per_sample``).
+        route: ``materialize`` per-sample VJPs in bounded blocks, ``contract``
+            two copies of the network without any VJP, or ``auto`` (cheaper
+            by opt_einsum's estimate).
+        simplified: Apply the strided-window rewrite.
+
+    Returns:
+        ``[(N,) *weight]``, or ``[N]`` if ``sum_weight``.
+    """
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    if sum_weight and not per_sample:
+        raise ValueError("sum_weight=True needs per_sample=True")
+    if route == "auto":
+        route = choose_route(spec, x, grad_output, vectors, per_sample, sum_weight)
+    if route == "contract":
+        tn = expressions.squared_weight_vjp(
+            spec, x, grad_output, vectors, per_sample, sum_weight
+        )
+        return _run(tn, simplified)
+    return _materialized_squares(
+        spec, x, grad_output, vectors, per_sample, sum_weight, simplified
+    )
