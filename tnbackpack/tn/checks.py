@@ -106,4 +106,3 @@ def output_padding_for(
         return spec.output_padding
     smallest = spec.output_size(input_size, output_padding=(0,) * spec.ndim)
     return tuple(int(o) - m for o, m in zip(output_size, smallest))
-

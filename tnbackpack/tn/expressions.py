@@ -35,7 +35,11 @@ def _weight_axes(spec: ConvSpec, kernel: str = "k") -> Axes:
 
 
 def _add_input(
-    tn: TensorNetwork, spec: ConvSpec, x: Tensor, channel: str = "ci", position: str = "i"
+    tn: TensorNetwork,
+    spec: ConvSpec,
+    x: Tensor,
+    channel: str = "ci",
+    position: str = "i",
 ) -> None:
     """Add ``x [N, C_in, *I]`` viewed as ``[n, g, ci, i...]``."""
     grouped = x.reshape(x.shape[0], spec.groups, -1, *x.shape[2:])
@@ -50,7 +54,7 @@ def _add_output_like(
     channel: str = "co",
     position: str = "o",
 ) -> None:
-    """Add an output-shaped tensor ``[(V,) N, C_out, *O]`` as ``[(v,) n, g, co, o...]``."""
+    """Add ``[(V,) N, C_out, *O]`` viewed as ``[(v,) n, g, co, o...]``."""
     lead = tensor.shape[: 2 if vectors else 1]
     grouped = tensor.reshape(*lead, spec.groups, -1, *tensor.shape[len(lead) + 1 :])
     axes = (("v",) if vectors else ()) + ("n", "g", channel)
@@ -241,7 +245,9 @@ def bias_vjp(
     spec: ConvSpec, grad_output: Tensor, vectors: bool = False, per_sample: bool = False
 ) -> TensorNetwork:
     """Bias VJP: ``gy`` summed over output positions (and the batch)."""
-    checks.check_tensor(spec, "grad_output", grad_output, spec.ndim + (3 if vectors else 2))
+    checks.check_tensor(
+        spec, "grad_output", grad_output, spec.ndim + (3 if vectors else 2)
+    )
     keep = (("v",) if vectors else ()) + (("n",) if per_sample else ())
     tn = TensorNetwork([], [], (*keep, "g", "co"))
     _add_output_like(tn, spec, grad_output, vectors)
@@ -280,7 +286,12 @@ def squared_weight_vjp(
     for copy in ("", "'"):
         _add_input(tn, spec, x, position="i" + copy)
         _add_patterns(
-            tn, spec, input_size, out_size, x, position_in="i" + copy,
+            tn,
+            spec,
+            input_size,
+            out_size,
+            x,
+            position_in="i" + copy,
             position_out="o" + copy,
         )
         _add_output_like(tn, spec, grad_output, vectors, position="o" + copy)
@@ -342,8 +353,14 @@ def kfac_input_factor(
     for copy in ("", "'"):
         _add_input(tn, spec, x, channel="ci" + copy, position="i" + copy)
         _add_patterns(
-            tn, spec, input_size, out_size, x, kernel="k" + copy,
-            position_in="i" + copy, position_out="o" if not reduce else "o" + copy,
+            tn,
+            spec,
+            input_size,
+            out_size,
+            x,
+            kernel="k" + copy,
+            position_in="i" + copy,
+            position_out="o" if not reduce else "o" + copy,
             summed=reduce,
         )
     positions = prod(out_size)

@@ -8,12 +8,12 @@ by the tests to check both paths).
 from __future__ import annotations
 
 from math import prod
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import expressions
+from . import expressions, shifted
 from .network import TensorNetwork
 from .simplify import simplify
 from .spec import ConvSpec
@@ -61,15 +61,52 @@ def weight_vjp(
     return _run(expressions.weight_vjp(spec, x, grad_output), simplified)
 
 
+def per_sample_weight_vjp_route(
+    spec: ConvSpec, x: Tensor, grad_output: Tensor, vectors: bool = False
+) -> Tuple[str, int]:
+    """Cheaper route for per-sample weight VJPs and its FLOP estimate.
+
+    ``tn``: the simplified network, contracted by opt_einsum (best when the
+    strided-window rewrite removed the patterns, or for tiny outputs).
+    ``shifted``: one batched matrix product per kernel tap on strided views of
+    the input (:mod:`.shifted`), whose cost is that of the products alone.
+    """
+    tn_cost = simplify(
+        expressions.per_sample_weight_vjp(spec, x, grad_output, vectors)
+    ).cost()
+    batch = x.shape[0] * (grad_output.shape[0] if vectors else 1)
+    positions = prod(
+        grad_output.shape[-spec.ndim :] if not spec.transposed else x.shape[2:]
+    )
+    shifted_cost = 2 * batch * prod(spec.weight_shape()) * positions
+    return ("shifted", shifted_cost) if shifted_cost < tn_cost else ("tn", tn_cost)
+
+
 def per_sample_weight_vjp(
     spec: ConvSpec,
     x: Tensor,
     grad_output: Tensor,
     vectors: bool = False,
     simplified: bool = True,
+    route: str = "auto",
 ) -> Tensor:
-    """Per-sample weight VJPs ``[(V,) N, *weight]``."""
+    """Per-sample weight VJPs ``[(V,) N, *weight]``.
+
+    Args:
+        spec: The layer.
+        x: Layer input ``[N, C_in, *I]``.
+        grad_output: ``[N, C_out, *O]``, or ``[V, N, C_out, *O]`` if ``vectors``.
+        vectors: Whether ``grad_output`` has a leading vector axis.
+        simplified: Apply the strided-window rewrite (``tn`` route).
+        route: ``tn``, ``shifted`` or ``auto`` (cheaper by FLOP estimate).
+    """
     tn = expressions.per_sample_weight_vjp(spec, x, grad_output, vectors)
+    if route == "auto":
+        route, _ = per_sample_weight_vjp_route(spec, x, grad_output, vectors)
+    if route == "shifted":
+        return shifted.per_sample_weight_vjp(spec, x, grad_output, vectors)
+    if route != "tn":
+        raise ValueError(f"route must be 'auto', 'tn' or 'shifted', got {route!r}")
     return _run(tn, simplified)
 
 
@@ -106,7 +143,9 @@ def kfac_input_factor(
     return _run(tn, simplified)
 
 
-def kfac_output_factor(spec: ConvSpec, sqrt_ggn: Tensor, approx: str = "expand") -> Tensor:
+def kfac_output_factor(
+    spec: ConvSpec, sqrt_ggn: Tensor, approx: str = "expand"
+) -> Tensor:
     """Output-side Kronecker factor ``[G, co, co]`` from ``S [V, N, C_out, *O]``."""
     return expressions.kfac_output_factor(spec, sqrt_ggn, approx).contract()
 
@@ -168,12 +207,12 @@ def choose_route(
     costs the two-copy network of :func:`expressions.squared_weight_vjp`,
     whose intermediates grow with the square of the output positions.
     """
-    vjp = expressions.per_sample_weight_vjp(spec, x, grad_output, vectors)
+    _, vjp_cost = per_sample_weight_vjp_route(spec, x, grad_output, vectors)
     squared = expressions.squared_weight_vjp(
         spec, x, grad_output, vectors, per_sample, sum_weight
     )
     lead = grad_output.shape[0] * x.shape[0] if vectors else x.shape[0]
-    materialize = simplify(vjp).cost() + 2 * lead * prod(spec.weight_shape())
+    materialize = vjp_cost + 2 * lead * prod(spec.weight_shape())
     contract = simplify(squared).cost()
     return "contract" if contract < materialize else "materialize"
 

@@ -71,7 +71,9 @@ class TensorNetwork:
     legs: Dict[int, PatternLeg] = field(default_factory=dict)
     finalize: Optional[Callable[[Tensor], Tensor]] = None
 
-    def add(self, operand: Tensor, axes: Sequence[str], leg: Optional[PatternLeg] = None):
+    def add(
+        self, operand: Tensor, axes: Sequence[str], leg: Optional[PatternLeg] = None
+    ):
         """Append an operand (and its pattern metadata, if it is a pattern)."""
         if operand.ndim != len(axes):
             raise ValueError(f"operand of shape {tuple(operand.shape)} vs axes {axes}")

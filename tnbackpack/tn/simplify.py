@@ -86,7 +86,9 @@ def simplify(tn: TensorNetwork) -> TensorNetwork:
     for position, leg in tn.legs.items():
         if not leg.windows:
             continue
-        holders = [j for j, names in enumerate(axes) if leg.big in names and j != position]
+        holders = [
+            j for j, names in enumerate(axes) if leg.big in names and j != position
+        ]
         in_output = leg.big in output
         if len(holders) + in_output != 1:
             continue  # the big leg is shared; keep the general contraction
