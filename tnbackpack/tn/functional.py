@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import expressions, shifted
+from . import expressions, patches, shifted
 from .network import TensorNetwork
 from .simplify import simplify
 from .spec import ConvSpec
@@ -121,14 +121,46 @@ def bias_vjp(
     return tn.contract()
 
 
+def _all_windows(tn: TensorNetwork) -> bool:
+    """Whether the strided-window rewrite removes every pattern of ``tn``."""
+    return all(leg.windows for leg in tn.legs.values())
+
+
 def unfold(
     spec: ConvSpec,
     x: Tensor,
     output_size: Optional[Sequence[int]] = None,
     simplified: bool = True,
+    route: str = "auto",
 ) -> Tensor:
-    """Patches ``[N, C_in·∏K, ∏O]`` in ``F.unfold``'s order."""
-    return _run(expressions.unfold(spec, x, output_size), simplified)
+    """Patches ``[N, C_in·∏K, ∏O]`` in ``F.unfold``'s order.
+
+    Routes: ``tn`` contracts the input with the patterns; ``strided`` copies a
+    zero-copy strided view (convolutions only, see :mod:`.patches`); ``auto``
+    takes ``strided`` unless the patterns are windows (then ``tn`` is a reshape).
+    """
+    tn = expressions.unfold(spec, x, output_size)
+    if route == "auto":
+        route = "tn" if spec.transposed or _all_windows(tn) else "strided"
+    if route == "tn":
+        return _run(tn, simplified)
+    if route != "strided":
+        raise ValueError(f"route must be 'auto', 'tn' or 'strided', got {route!r}")
+    out_size = _output_size_of(spec, x, output_size)
+    view = patches.patches_view(spec, x, out_size)  # [N, C, *O, *K]
+    ndim = spec.ndim
+    order = [0, 1, *range(2 + ndim, 2 + 2 * ndim), *range(2, 2 + ndim)]
+    return view.permute(order).reshape(x.shape[0], -1, prod(out_size))
+
+
+def _output_size_of(
+    spec: ConvSpec, x: Tensor, output_size: Optional[Sequence[int]]
+) -> Tuple[int, ...]:
+    return (
+        tuple(output_size)
+        if output_size is not None
+        else spec.output_size(tuple(x.shape[2:]))
+    )
 
 
 def kfac_input_factor(
@@ -137,10 +169,34 @@ def kfac_input_factor(
     approx: str = "expand",
     output_size: Optional[Sequence[int]] = None,
     simplified: bool = True,
+    route: str = "auto",
 ) -> Tensor:
-    """Input-side Kronecker factor ``[G, ci·∏K, ci·∏K]`` (``expand``/``reduce``)."""
+    """Input-side Kronecker factor ``[G, ci·∏K, ci·∏K]`` (``expand``/``reduce``).
+
+    ``reduce`` always contracts the summed patterns (no unfolded input). For
+    ``expand``, ``route`` picks between the network (``tn``) and one Gram
+    matrix of strided-view patches (``strided``, convolutions only); ``auto``
+    compares their FLOP estimates.
+    """
     tn = expressions.kfac_input_factor(spec, x, approx, output_size)
-    return _run(tn, simplified)
+    if route == "auto":
+        route = "tn"
+        if approx == "expand" and not spec.transposed:
+            simple = simplify(tn) if simplified else tn
+            side = spec.in_channels // spec.groups * prod(spec.kernel_size)
+            positions = prod(_output_size_of(spec, x, output_size))
+            gram = 2 * spec.groups * side**2 * x.shape[0] * positions
+            if gram < simple.cost():
+                route = "strided"
+    if route == "tn":
+        return _run(tn, simplified)
+    if route != "strided" or approx != "expand":
+        raise ValueError(
+            f"route must be 'auto', 'tn' or ('strided' for expand), got {route!r}"
+        )
+    return patches.kfac_expand_input_factor(
+        spec, x, _output_size_of(spec, x, output_size)
+    )
 
 
 def kfac_output_factor(

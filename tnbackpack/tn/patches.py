@@ -1,0 +1,75 @@
+"""Patches of a convolution's input as a zero-copy strided view.
+
+``Tensor.unfold`` per spatial dimension turns the padded input into a view
+``[N, C_in, *O, *K]`` whose entry at ``(o, k)`` is input position
+``o·S + k·D``: every patch, without the ``∏K``-fold copy of im2col. The copy
+happens only where a consumer needs a matrix (the Gram matrix of the KFAC
+expand factor), and then once, straight into the layout that matrix product
+wants. This is the "unfold + matmul" route, which beats a pattern contraction
+for the expand factor of overlapping kernels.
+
+Transposed convolutions are not strided views of their input (they insert
+zeros), so they keep the tensor-network route.
+"""
+
+from __future__ import annotations
+
+from math import prod
+from typing import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .spec import ConvSpec
+
+
+def padded_input(spec: ConvSpec, x: Tensor) -> Tensor:
+    """The convolution's input with its padding applied (any padding mode)."""
+    pads = [p for pair in reversed(spec.padding) for p in pair]
+    if not any(pads):
+        return x
+    mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+    return F.pad(x, pads, mode=mode)
+
+
+def patches_view(spec: ConvSpec, x: Tensor, output_size: Sequence[int]) -> Tensor:
+    """Zero-copy view ``[N, C_in, *O, *K]`` of the patches of a convolution.
+
+    Args:
+        spec: A (non-transposed) convolution.
+        x: Its input ``[N, C_in, *I]``.
+        output_size: Spatial output size ``O``.
+
+    Raises:
+        ValueError: For a transposed convolution.
+    """
+    if spec.transposed:
+        raise ValueError(
+            f"{spec.describe()}: patches of a transposed layer are no view"
+        )
+    view = padded_input(spec, x)
+    for d in range(spec.ndim):
+        k, s, dil = spec.kernel_size[d], spec.stride[d], spec.dilation[d]
+        span = dil * (k - 1) + 1
+        view = view.narrow(2 + d, 0, (output_size[d] - 1) * s + span)
+        view = view.unfold(2 + d, span, s)[..., ::dil]
+    return view
+
+
+def kfac_expand_input_factor(
+    spec: ConvSpec, x: Tensor, output_size: Sequence[int]
+) -> Tensor:
+    """``1/(N·T) Σ_{n,t} x̃ x̃ᵀ`` per group, ``[G, ci·∏K, ci·∏K]``, by one Gram matrix.
+
+    The patches are copied once into ``[G, ci·∏K, N·T]`` and multiplied with
+    their transpose.
+    """
+    view = patches_view(spec, x, output_size)  # [N, C, *O, *K]
+    n, ndim, groups = x.shape[0], spec.ndim, spec.groups
+    grouped = view.reshape(n, groups, -1, *view.shape[2:])  # [N, G, ci, *O, *K]
+    spatial = list(range(3, 3 + ndim))
+    taps = list(range(3 + ndim, 3 + 2 * ndim))
+    order = [1, 2, *taps, 0, *spatial]  # [G, ci, *K, N, *O]
+    positions = prod(output_size)
+    columns = grouped.permute(order).reshape(groups, -1, n * positions)
+    return columns @ columns.transpose(1, 2) / (n * positions)
