@@ -7,6 +7,7 @@ by the tests to check both paths).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from math import prod
 from typing import Optional, Sequence, Tuple
 
@@ -61,6 +62,16 @@ def weight_vjp(
     return _run(expressions.weight_vjp(spec, x, grad_output), simplified)
 
 
+def _shapes_only(*tensors: Tensor) -> Tuple[Tuple[int, ...], ...]:
+    """The shapes that route decisions depend on (their cache key)."""
+    return tuple(tuple(t.shape) for t in tensors)
+
+
+def _meta(shape: Tuple[int, ...]) -> Tensor:
+    """A data-less tensor: route decisions build networks only for their shapes."""
+    return torch.empty(shape, device="meta")
+
+
 def per_sample_weight_vjp_route(
     spec: ConvSpec, x: Tensor, grad_output: Tensor, vectors: bool = False
 ) -> Tuple[str, int]:
@@ -70,7 +81,19 @@ def per_sample_weight_vjp_route(
     strided-window rewrite removed the patterns, or for tiny outputs).
     ``shifted``: one batched matrix product per kernel tap on strided views of
     the input (:mod:`.shifted`), whose cost is that of the products alone.
+    Decided once per (spec, shapes) and cached.
     """
+    return _per_sample_weight_vjp_route(spec, *_shapes_only(x, grad_output), vectors)
+
+
+@lru_cache(maxsize=1024)
+def _per_sample_weight_vjp_route(
+    spec: ConvSpec,
+    x_shape: Tuple[int, ...],
+    grad_output_shape: Tuple[int, ...],
+    vectors: bool,
+) -> Tuple[str, int]:
+    x, grad_output = _meta(x_shape), _meta(grad_output_shape)
     tn_cost = simplify(
         expressions.per_sample_weight_vjp(spec, x, grad_output, vectors)
     ).cost()
@@ -262,7 +285,23 @@ def choose_route(
     ``materialize`` costs one per-sample VJP plus the squares; ``contract``
     costs the two-copy network of :func:`expressions.squared_weight_vjp`,
     whose intermediates grow with the square of the output positions.
+    Decided once per (spec, shapes, flags) and cached.
     """
+    return _squares_route(
+        spec, *_shapes_only(x, grad_output), vectors, per_sample, sum_weight
+    )
+
+
+@lru_cache(maxsize=1024)
+def _squares_route(
+    spec: ConvSpec,
+    x_shape: Tuple[int, ...],
+    grad_output_shape: Tuple[int, ...],
+    vectors: bool,
+    per_sample: bool,
+    sum_weight: bool,
+) -> str:
+    x, grad_output = _meta(x_shape), _meta(grad_output_shape)
     _, vjp_cost = per_sample_weight_vjp_route(spec, x, grad_output, vectors)
     squared = expressions.squared_weight_vjp(
         spec, x, grad_output, vectors, per_sample, sum_weight
