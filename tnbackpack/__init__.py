@@ -1,7 +1,22 @@
-"""tnbackpack: BackPACK's convolution extensions as tensor-network contractions."""
+"""tnbackpack: BackPACK's convolution extensions as tensor-network contractions.
 
-from backpack import backpack, extend
+``from tnbackpack import extend, backpack`` re-exports BackPACK's functions for
+convenience. They are loaded on first access, so that importing the engine
+(:mod:`tnbackpack.tn`, which does not depend on BackPACK) does not import
+BackPACK.
+"""
+
+from typing import Any
 
 __version__ = "0.1.0"
 
 __all__ = ["backpack", "extend"]
+
+
+def __getattr__(name: str) -> Any:
+    """Load BackPACK's ``backpack`` and ``extend`` lazily (PEP 562)."""
+    if name in __all__:
+        import backpack as _backpack_package
+
+        return getattr(_backpack_package, name)
+    raise AttributeError(f"module 'tnbackpack' has no attribute {name!r}")
