@@ -101,8 +101,52 @@ def check_output_like(
 def output_padding_for(
     spec: ConvSpec, input_size: Sequence[int], output_size: Optional[Sequence[int]]
 ) -> Tuple[int, ...]:
-    """Output padding that produces ``output_size`` (the spec's by default)."""
+    """Output padding that produces ``output_size`` (the spec's by default).
+
+    Raises:
+        ValueError: If ``output_size`` is not one PyTorch could produce: for a
+            convolution it must be the computed size, for a transposed one it
+            may exceed the smallest size by less than ``max(stride, dilation)``.
+    """
     if output_size is None:
         return spec.output_padding
+    requested = tuple(int(o) for o in output_size)
     smallest = spec.output_size(input_size, output_padding=(0,) * spec.ndim)
-    return tuple(int(o) - m for o, m in zip(output_size, smallest))
+    extra = tuple(o - m for o, m in zip(requested, smallest))
+    if spec.transposed:
+        slack = tuple(max(s, d) for s, d in zip(spec.stride, spec.dilation))
+        valid = len(requested) == spec.ndim and all(
+            0 <= e < s for e, s in zip(extra, slack)
+        )
+        largest = tuple(m + s - 1 for m, s in zip(smallest, slack))
+        allowed = f"from {smallest} to {largest} per dimension"
+    else:
+        valid = requested == smallest
+        allowed = str(smallest)
+    if not valid:
+        raise ValueError(
+            f"{spec.describe()}: output_size={requested} is not possible for an "
+            f"input of spatial size {tuple(input_size)}; allowed: {allowed}"
+        )
+    return extra if spec.transposed else spec.output_padding
+
+
+def check_bias(spec: ConvSpec, bias: Optional[Tensor]) -> None:
+    """Check that a bias is ``[C_out]``."""
+    if bias is None:
+        return
+    check_tensor(spec, "bias", bias, 1)
+    if bias.shape[0] != spec.out_channels:
+        raise ValueError(
+            f"{spec.describe()}: bias has {bias.shape[0]} entries, "
+            f"expected out_channels={spec.out_channels}"
+        )
+
+
+def check_channels(spec: ConvSpec, name: str, tensor: Tensor, dim: int) -> None:
+    """Check that axis ``dim`` of ``tensor`` has ``C_out`` entries."""
+    if tensor.shape[dim] != spec.out_channels:
+        raise ValueError(
+            f"{spec.describe()}: {name} has {tensor.shape[dim]} channels, "
+            f"expected out_channels={spec.out_channels}"
+        )

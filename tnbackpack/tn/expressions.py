@@ -156,6 +156,7 @@ def forward(
     """
     input_size = checks.check_input(spec, x)
     checks.check_weight(spec, weight)
+    checks.check_bias(spec, bias)
     checks.check_same_kind(spec, input=x, weight=weight, bias=bias)
     out_size = _resolve_output_size(spec, input_size, output_size)
     tn = TensorNetwork([], [], ("n", "g", "co", *_names("o", spec.ndim)))
@@ -248,6 +249,7 @@ def bias_vjp(
     checks.check_tensor(
         spec, "grad_output", grad_output, spec.ndim + (3 if vectors else 2)
     )
+    checks.check_channels(spec, "grad_output", grad_output, 1 + vectors)
     keep = (("v",) if vectors else ()) + (("n",) if per_sample else ())
     tn = TensorNetwork([], [], (*keep, "g", "co"))
     _add_output_like(tn, spec, grad_output, vectors)
@@ -382,11 +384,7 @@ def kfac_output_factor(
     if approx not in ("expand", "reduce"):
         raise ValueError(f"approx must be 'expand' or 'reduce', got {approx!r}")
     checks.check_tensor(spec, "sqrt_ggn", sqrt_ggn, spec.ndim + 3)
-    if sqrt_ggn.shape[2] != spec.out_channels:
-        raise ValueError(
-            f"{spec.describe()}: sqrt_ggn has {sqrt_ggn.shape[2]} channels, "
-            f"expected out_channels={spec.out_channels}"
-        )
+    checks.check_channels(spec, "sqrt_ggn", sqrt_ggn, 2)
     tn = TensorNetwork([], [], ("g", "co", "co'"))
     _add_output_like(tn, spec, sqrt_ggn, vectors=True)
     second = "o" if approx == "expand" else "o'"

@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import expressions, patches, shifted
+from . import checks, expressions, patches, shifted, torch_routes
 from .network import TensorNetwork
 from .simplify import simplify
 from .spec import ConvSpec
@@ -56,10 +56,26 @@ def input_vjp(
 
 
 def weight_vjp(
-    spec: ConvSpec, x: Tensor, grad_output: Tensor, simplified: bool = True
+    spec: ConvSpec,
+    x: Tensor,
+    grad_output: Tensor,
+    simplified: bool = True,
+    route: str = "auto",
 ) -> Tensor:
-    """Weight gradient summed over the batch, shaped like the weight."""
-    return _run(expressions.weight_vjp(spec, x, grad_output), simplified)
+    """Weight gradient summed over the batch, shaped like the weight.
+
+    Routes: ``tn`` contracts the network; ``torch`` calls PyTorch's weight
+    gradient kernel (1 to 3 spatial dimensions, see :mod:`.torch_routes`);
+    ``auto`` prefers ``torch`` where it exists.
+    """
+    tn = expressions.weight_vjp(spec, x, grad_output)
+    if route == "auto":
+        route = "torch" if torch_routes.supports(spec) else "tn"
+    if route == "torch":
+        return torch_routes.weight_vjp(spec, x, grad_output)
+    if route != "tn":
+        raise ValueError(f"route must be 'auto', 'tn' or 'torch', got {route!r}")
+    return _run(tn, simplified)
 
 
 def _shapes_only(*tensors: Tensor) -> Tuple[Tuple[int, ...], ...]:
@@ -179,11 +195,9 @@ def unfold(
 def _output_size_of(
     spec: ConvSpec, x: Tensor, output_size: Optional[Sequence[int]]
 ) -> Tuple[int, ...]:
-    return (
-        tuple(output_size)
-        if output_size is not None
-        else spec.output_size(tuple(x.shape[2:]))
-    )
+    input_size = tuple(x.shape[2:])
+    padding = checks.output_padding_for(spec, input_size, output_size)
+    return spec.output_size(input_size, output_padding=padding)
 
 
 def kfac_input_factor(

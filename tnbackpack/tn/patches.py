@@ -17,19 +17,34 @@ from __future__ import annotations
 from math import prod
 from typing import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .pattern import source_positions
 from .spec import ConvSpec
 
 
 def padded_input(spec: ConvSpec, x: Tensor) -> Tensor:
-    """The convolution's input with its padding applied (any padding mode)."""
+    """The convolution's input with its padding applied (any padding mode, N-d).
+
+    Non-zero modes read the same source positions as the index pattern does
+    (:func:`.pattern.source_positions`), one spatial dimension at a time, so
+    they work for any number of dimensions (``F.pad`` stops at three).
+    """
     pads = [p for pair in reversed(spec.padding) for p in pair]
     if not any(pads):
         return x
-    mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
-    return F.pad(x, pads, mode=mode)
+    if spec.padding_mode == "zeros":
+        return F.pad(x, pads)
+    for d, (left, right) in enumerate(spec.padding):
+        if left == right == 0:
+            continue
+        size = x.shape[2 + d]
+        virtual = torch.arange(-left, size + right, device=x.device)
+        real, _ = source_positions(virtual, size, spec.padding_mode)
+        x = x.index_select(2 + d, real)
+    return x
 
 
 def patches_view(spec: ConvSpec, x: Tensor, output_size: Sequence[int]) -> Tensor:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 
-def _source_positions(
+def source_positions(
     virtual: Tensor, size: int, padding_mode: str
 ) -> Tuple[Tensor, Tensor]:
     """Map virtual (padded) positions to real input positions.
@@ -107,7 +107,7 @@ def index_pattern(
     else:
         outputs = torch.arange(output_size).unsqueeze(0)
         virtual = taps + stride * outputs - padding_left  # [K, O]
-        real, keep = _source_positions(virtual, input_size, padding_mode)
+        real, keep = source_positions(virtual, input_size, padding_mode)
         k_idx, o_idx = keep.nonzero(as_tuple=True)
         i_idx = real[k_idx, o_idx]
     pattern = torch.zeros(kernel_size, input_size, output_size, dtype=dtype)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .patches import padded_input
 from .spec import ConvSpec
 
 
@@ -97,15 +98,6 @@ def shifted_correlation(
     return torch.stack(taps, dim=-1).reshape(batch, rows_small, rows_big, *kernel_size)
 
 
-def _padded_input(spec: ConvSpec, x: Tensor) -> Tensor:
-    """The convolution's input with its padding applied (any padding mode)."""
-    pads = [p for pair in reversed(spec.padding) for p in pair]
-    if not any(pads):
-        return x
-    mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
-    return F.pad(x, pads, mode=mode)
-
-
 def _fold_vectors(tensor: Tensor, groups: int, vectors: bool) -> Tensor:
     """``[(V,) N, C, *S] -> [N·G, (V·)C/G, *S]``: vectors become extra rows."""
     if not vectors:
@@ -134,7 +126,7 @@ def per_sample_weight_vjp(
         big = _fold_vectors(F.pad(grad_output, pads), groups, vectors)
         small = _fold_vectors(x, groups, False)
     else:
-        big = _fold_vectors(_padded_input(spec, x), groups, False)
+        big = _fold_vectors(padded_input(spec, x), groups, False)
         small = _fold_vectors(grad_output, groups, vectors)
     out = shifted_correlation(big, small, spec.kernel_size, spec.stride, spec.dilation)
     # out: [N·G, Rs, Rb, *K]; one of Rs, Rb holds (V, C_out/G)

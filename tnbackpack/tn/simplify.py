@@ -32,8 +32,12 @@ from torch import Tensor
 from .network import PatternLeg, TensorNetwork
 
 
-def _fit(tensor: Tensor, dim: int, length: int) -> Tensor:
-    """Crop, or pad with zeros on the right, ``tensor`` along ``dim`` to ``length``."""
+def fit_length(tensor: Tensor, dim: int, length: int, left: int = 0) -> Tensor:
+    """Pad ``left`` zeros before ``dim``, then crop or zero-pad it to ``length``."""
+    if left:
+        shape = list(tensor.shape)
+        shape[dim] = left
+        tensor = torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
     size = tensor.shape[dim]
     if size >= length:
         return tensor.narrow(dim, 0, length)
@@ -52,7 +56,7 @@ def _is_plain_reshape(leg: PatternLeg) -> bool:
 
 def split_operand(tensor: Tensor, dim: int, leg: PatternLeg) -> Tensor:
     """Replace axis ``dim`` (the big leg) by the axes ``(small, k)``."""
-    tensor = _fit(tensor, dim, leg.small_size * leg.stride)
+    tensor = fit_length(tensor, dim, leg.small_size * leg.stride)
     tensor = tensor.unflatten(dim, (leg.small_size, leg.stride))
     if _is_plain_reshape(leg):
         return tensor
@@ -69,7 +73,7 @@ def merge_result(tensor: Tensor, dim: int, leg: PatternLeg) -> Tensor:
         shape[dim + 1] = leg.stride
         full = tensor.new_zeros(shape)
         full[(slice(None),) * (dim + 1) + (_taps(leg),)] = tensor
-    return _fit(full.flatten(dim, dim + 1), dim, leg.big_size)
+    return fit_length(full.flatten(dim, dim + 1), dim, leg.big_size)
 
 
 def simplify(tn: TensorNetwork) -> TensorNetwork:
@@ -86,12 +90,18 @@ def simplify(tn: TensorNetwork) -> TensorNetwork:
     for position, leg in tn.legs.items():
         if not leg.windows:
             continue
-        holders = [
-            j for j, names in enumerate(axes) if leg.big in names and j != position
-        ]
+        # The big leg must sit on exactly one non-pattern operand or on the
+        # result, and the (small, k) pair must be new there; otherwise (e.g. two
+        # pattern copies sharing a transposed layer's output leg, or unfold of a
+        # transposed layer, whose result already has k) keep the contraction.
+        holders = [j for j, names in enumerate(axes) if leg.big in names]
+        holders = [j for j in holders if j != position]
         in_output = leg.big in output
-        if len(holders) + in_output != 1:
-            continue  # the big leg is shared; keep the general contraction
+        if len(holders) + in_output != 1 or any(j in tn.legs for j in holders):
+            continue
+        target = axes[holders[0]] if holders else output
+        if leg.small in target or leg.kernel in target:
+            continue
         removed.add(position)
         if holders:
             j = holders[0]

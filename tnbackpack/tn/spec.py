@@ -218,7 +218,8 @@ class ConvSpec:
         """
         if len(input_size) != self.ndim:
             raise ValueError(
-                f"expected {self.ndim} spatial sizes, got {tuple(input_size)}"
+                f"{self.describe()}: expected {self.ndim} spatial sizes of the input, "
+                f"got {tuple(input_size)}"
             )
         extra = self.output_padding if output_padding is None else output_padding
         sizes = []
@@ -231,7 +232,8 @@ class ConvSpec:
                 out = (size + left + right - dil * (k - 1) - 1) // s + 1
             if out < 1:
                 raise ValueError(
-                    f"spatial input size {tuple(input_size)} is too small for "
+                    f"{self.describe()}: spatial input size {tuple(input_size)} "
+                    "is too small for "
                     f"kernel_size={self.kernel_size}, dilation={self.dilation}, "
                     f"padding={self.padding}"
                 )
