@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
 
 .PHONY: demo test test-slow lint bench docs clean
 
@@ -13,8 +14,16 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0 -e ".[test,examples]"
 	touch $(STAMP)
 
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0 -e ".[docs]"
+	touch $(DOCS_STAMP)
+
 demo: $(STAMP)
-	$(PY) examples/engine_demo.py
+	$(PY) examples/demo.py
+
+# Strict: a broken link or a missing page fails the build (run in CI).
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/mkdocs build --strict
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -28,6 +28,12 @@ LAYERS = {
 }
 
 
+def _sample_loss(layer, weight, x_n, g_n):
+    """``<layer(x_n), g_n>`` as a function of the weight (one sample)."""
+    y_n = functional_call(layer, {"weight": weight}, (x_n.unsqueeze(0),))
+    return (y_n.squeeze(0) * g_n).sum()
+
+
 def main() -> None:
     """Compare forward passes and per-sample gradients with PyTorch."""
     torch.manual_seed(0)
@@ -37,16 +43,12 @@ def main() -> None:
         spec = ConvSpec.from_module(layer)
         x = torch.randn(4, layer.in_channels, *size, dtype=torch.float64)
         y = layer(x)
-        forward_error = (functional.forward(spec, x, layer.weight, layer.bias) - y).abs()
+        ours_y = functional.forward(spec, x, layer.weight, layer.bias)
+        forward_error = (ours_y - y).abs()
 
         grad_output = torch.randn_like(y)
-
-        def sample_loss(weight, x_n, g_n):
-            y_n = functional_call(layer, {"weight": weight}, (x_n.unsqueeze(0),))
-            return (y_n.squeeze(0) * g_n).sum()
-
-        reference = vmap(grad(sample_loss), in_dims=(None, 0, 0))(
-            layer.weight.detach(), x, grad_output
+        reference = vmap(grad(_sample_loss, argnums=1), in_dims=(None, None, 0, 0))(
+            layer, layer.weight.detach(), x, grad_output
         )
         ours = functional.per_sample_weight_vjp(spec, x, grad_output)
         grad_error = (ours - reference).abs()

@@ -54,7 +54,8 @@ def main() -> None:
         ),
     }
     print("3x3 Conv2d, N=32, 32->64 channels, 32x32, one thread")
-    print(f"{'quantity':28s} {'first call':>12s} {'cached call':>12s} {'planning':>10s}")
+    header = ("quantity", "first call", "cached call", "planning")
+    print(f"{header[0]:28s} {header[1]:>12s} {header[2]:>12s} {header[3]:>10s}")
     for name, compute in quantities.items():
         _clear_caches()
         first = _seconds(compute)

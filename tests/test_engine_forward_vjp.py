@@ -37,37 +37,50 @@ def test_forward_without_bias_argument(name):
     close(y, expected)
 
 
-@pytest.mark.parametrize("name, route, simplified", case_params(None))
+@pytest.mark.parametrize("name, route, simplified", case_params("tn", "torch", "auto"))
 def test_input_vjp(name, route, simplified):
     layer = cached_layer(name)
+    if route == "torch" and layer.spec.ndim > 3:
+        pytest.skip("PyTorch has convolution kernels for 1 to 3 dimensions")
     input_size = layer.x.shape[2:]
     grad_output = layer.random_output_like()
     gx = engine.input_vjp(
-        layer.spec, grad_output, layer.weight, input_size, simplified=simplified
+        layer.spec, grad_output, layer.weight, input_size, simplified=simplified,
+        route=route,
     )
     close(gx, autograd_vjps(layer, grad_output)[0])
 
     grad_outputs = layer.random_output_like(3)
     gx = engine.input_vjp(
         layer.spec, grad_outputs, layer.weight, input_size, vectors=True,
-        simplified=simplified,
+        simplified=simplified, route=route,
     )
     close(gx, input_vjps(layer, grad_outputs))
 
 
-@pytest.mark.parametrize("name, route, simplified", case_params(None))
+@pytest.mark.parametrize("name, route, simplified", case_params("tn", "torch", "auto"))
 def test_weight_vjp(name, route, simplified):
     layer = cached_layer(name)
     grad_output = layer.random_output_like()
-    gw = engine.weight_vjp(layer.spec, layer.x, grad_output, simplified=simplified)
+    if route == "torch" and layer.spec.ndim > 3:
+        pytest.skip("PyTorch has weight-gradient kernels for 1 to 3 dimensions")
+    gw = engine.weight_vjp(
+        layer.spec, layer.x, grad_output, simplified=simplified, route=route
+    )
     close(gw, autograd_vjps(layer, grad_output)[1])
 
 
 @pytest.mark.parametrize(
-    "name, route, simplified", case_params("tn", "shifted", "auto")
+    "name, route, simplified", case_params("tn", "shifted", "unfold", "auto")
 )
 def test_per_sample_weight_vjp(name, route, simplified):
     layer = cached_layer(name)
+    if route == "unfold" and layer.spec.transposed:
+        with pytest.raises(ValueError, match="transposed"):
+            engine.per_sample_weight_vjp(
+                layer.spec, layer.x, layer.random_output_like(), route=route
+            )
+        return
     for vectors in (False, True):
         grad_output, expected, _ = cached_per_sample_grads(name, vectors)
         gw = engine.per_sample_weight_vjp(

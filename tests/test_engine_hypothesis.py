@@ -44,11 +44,17 @@ def check_forward_and_vjps(case):
                                simplified=simplified), gx)
         close(engine.input_vjp(spec, grad_outputs, w, x.shape[2:], vectors=True,
                                simplified=simplified), input_vjps(layer, grad_outputs))
-        close(engine.weight_vjp(spec, x, grad_output, simplified=simplified), gw)
+        close(engine.weight_vjp(spec, x, grad_output, simplified=simplified,
+                                route="tn"), gw)
         close(engine.per_sample_weight_vjp(spec, x, grad_outputs, vectors=True,
                                            simplified=simplified, route="tn"),
               per_sample_w)
-    for route in ("shifted", "auto"):
+    if spec.ndim <= 3:
+        close(engine.weight_vjp(spec, x, grad_output, route="torch"), gw)
+        close(engine.input_vjp(spec, grad_outputs, w, x.shape[2:], vectors=True,
+                               route="torch"), input_vjps(layer, grad_outputs))
+    routes = ("shifted", "auto") if spec.transposed else ("shifted", "unfold", "auto")
+    for route in routes:
         close(engine.per_sample_weight_vjp(spec, x, grad_outputs, vectors=True,
                                            route=route), per_sample_w)
     if layer.bias is not None:

@@ -83,7 +83,9 @@ def check_output_like(
             f"expected out_channels={spec.out_channels}"
         )
     size = tuple(tensor.shape[lead + 1 :])
-    smallest = spec.output_size(input_size, output_padding=(0,) * spec.ndim)
+    smallest = spec.output_size(
+        input_size, output_padding=(0,) * spec.ndim, allow_empty=spec.transposed
+    )
     if spec.transposed:
         slack = tuple(max(s, d) for s, d in zip(spec.stride, spec.dilation))
         ok = all(0 <= o - m < s for o, m, s in zip(size, smallest, slack))
@@ -111,7 +113,9 @@ def output_padding_for(
     if output_size is None:
         return spec.output_padding
     requested = tuple(int(o) for o in output_size)
-    smallest = spec.output_size(input_size, output_padding=(0,) * spec.ndim)
+    smallest = spec.output_size(
+        input_size, output_padding=(0,) * spec.ndim, allow_empty=spec.transposed
+    )
     extra = tuple(o - m for o, m in zip(requested, smallest))
     if spec.transposed:
         slack = tuple(max(s, d) for s, d in zip(spec.stride, spec.dilation))

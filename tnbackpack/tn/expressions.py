@@ -66,7 +66,7 @@ def _add_weight(tn: TensorNetwork, spec: ConvSpec, weight: Tensor) -> None:
     tn.add(grouped, _weight_axes(spec))
 
 
-def _windows(spec: ConvSpec, d: int) -> bool:
+def windows(spec: ConvSpec, d: int) -> bool:
     """Whether ``Π_d`` consists of non-overlapping strided windows.
 
     True when nothing is padded on the left (a transposed layer crops nothing
@@ -124,7 +124,7 @@ def _add_patterns(
             dilation=spec.dilation[d],
             small_size=small_size,
             big_size=big_size,
-            windows=_windows(spec, d),
+            windows=windows(spec, d),
         )
         tn.add(index_pattern(*args), (k, i, o), leg=leg)
 

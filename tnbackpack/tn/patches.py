@@ -88,3 +88,40 @@ def kfac_expand_input_factor(
     positions = prod(output_size)
     columns = grouped.permute(order).reshape(groups, -1, n * positions)
     return columns @ columns.transpose(1, 2) / (n * positions)
+
+
+def per_sample_weight_vjp(
+    spec: ConvSpec, x: Tensor, grad_output: Tensor, vectors: bool = False
+) -> Tensor:
+    """Per-sample weight VJPs ``[(V,) N, *weight]``: one copy of the patches.
+
+    Best when many output-gradient rows share one input (e.g. the ``V``
+    columns of a backpropagated square root): the patches are copied once and
+    each vector meets them in one well-shaped batched product, written straight
+    into its slice of the result (no copy of the ``V`` vectors).
+    """
+    n, groups = x.shape[0], spec.groups
+    out_size = tuple(grad_output.shape[-spec.ndim :])
+    view = patches_view(spec, x, out_size)  # [N, C, *O, *K]
+    ndim = spec.ndim
+    order = [0, 1, *range(2 + ndim, 2 + 2 * ndim), *range(2, 2 + ndim)]
+    columns = view.permute(order).reshape(n * groups, -1, prod(out_size))
+    columns = columns.transpose(1, 2)  # [N·G, T, ci·∏K]
+    stack = grad_output if vectors else grad_output.unsqueeze(0)
+    rows = stack.reshape(stack.shape[0], n * groups, -1, prod(out_size))
+    out = rows.new_empty(stack.shape[0], n * groups, rows.shape[2], columns.shape[2])
+    for vector, result in zip(rows, out):
+        torch.bmm(vector, columns, out=result)
+    lead = (stack.shape[0], n) if vectors else (n,)
+    return out.reshape(*lead, *spec.weight_shape())
+
+
+def fold_vectors(tensor: Tensor, groups: int, vectors: bool) -> Tensor:
+    """``[(V,) N, C, *S] -> [N·G, (V·)C/G, *S]``: vectors become extra rows."""
+    if not vectors:
+        return tensor.reshape(tensor.shape[0] * groups, -1, *tensor.shape[2:])
+    v, n, c = tensor.shape[:3]
+    spatial = tensor.shape[3:]
+    grouped = tensor.reshape(v, n, groups, c // groups, *spatial)
+    grouped = grouped.movedim(0, 2)  # [N, G, V, C/G, *S]
+    return grouped.reshape(n * groups, v * c // groups, *spatial)

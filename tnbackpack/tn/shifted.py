@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .patches import padded_input
+from .patches import fold_vectors, padded_input
 from .spec import ConvSpec
 
 
@@ -98,17 +98,6 @@ def shifted_correlation(
     return torch.stack(taps, dim=-1).reshape(batch, rows_small, rows_big, *kernel_size)
 
 
-def _fold_vectors(tensor: Tensor, groups: int, vectors: bool) -> Tensor:
-    """``[(V,) N, C, *S] -> [N·G, (V·)C/G, *S]``: vectors become extra rows."""
-    if not vectors:
-        return tensor.reshape(tensor.shape[0] * groups, -1, *tensor.shape[2:])
-    v, n, c = tensor.shape[:3]
-    spatial = tensor.shape[3:]
-    grouped = tensor.reshape(v, n, groups, c // groups, *spatial)
-    grouped = grouped.movedim(0, 2)  # [N, G, V, C/G, *S]
-    return grouped.reshape(n * groups, v * c // groups, *spatial)
-
-
 def per_sample_weight_vjp(
     spec: ConvSpec, x: Tensor, grad_output: Tensor, vectors: bool = False
 ) -> Tensor:
@@ -123,11 +112,11 @@ def per_sample_weight_vjp(
         # o = k·D + S·i − P: the output gradient is read at strided positions.
         left = [pair[0] for pair in spec.padding]
         pads = [p for pad in reversed(left) for p in (pad, 0)]
-        big = _fold_vectors(F.pad(grad_output, pads), groups, vectors)
-        small = _fold_vectors(x, groups, False)
+        big = fold_vectors(F.pad(grad_output, pads), groups, vectors)
+        small = fold_vectors(x, groups, False)
     else:
-        big = _fold_vectors(padded_input(spec, x), groups, False)
-        small = _fold_vectors(grad_output, groups, vectors)
+        big = fold_vectors(padded_input(spec, x), groups, False)
+        small = fold_vectors(grad_output, groups, vectors)
     out = shifted_correlation(big, small, spec.kernel_size, spec.stride, spec.dilation)
     # out: [N·G, Rs, Rb, *K]; one of Rs, Rb holds (V, C_out/G)
     kernel = spec.kernel_size

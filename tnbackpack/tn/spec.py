@@ -204,7 +204,10 @@ class ConvSpec:
         return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
     def output_size(
-        self, input_size: Sequence[int], output_padding: Optional[Sequence[int]] = None
+        self,
+        input_size: Sequence[int],
+        output_padding: Optional[Sequence[int]] = None,
+        allow_empty: bool = False,
     ) -> Tuple[int, ...]:
         """Spatial output size for a spatial input size.
 
@@ -212,6 +215,9 @@ class ConvSpec:
             input_size: Spatial input size (``ndim`` entries).
             output_padding: Overrides the spec's output padding (transposed
                 layers called with ``output_size=...``).
+            allow_empty: Return sizes below one instead of raising (the
+                smallest output of a transposed layer can be empty, and only
+                its output padding gives it positions).
 
         Raises:
             ValueError: If the input is too small for the kernel.
@@ -230,7 +236,7 @@ class ConvSpec:
                 out = (size - 1) * s - left - right + dil * (k - 1) + extra[d] + 1
             else:
                 out = (size + left + right - dil * (k - 1) - 1) // s + 1
-            if out < 1:
+            if out < 1 and not allow_empty:
                 raise ValueError(
                     f"{self.describe()}: spatial input size {tuple(input_size)} "
                     "is too small for "

@@ -1,18 +1,25 @@
 """Routes through PyTorch's own convolution kernels, where they are fastest.
 
-The batch-summed weight gradient is what PyTorch's backward computes anyway;
-its kernels (``torch.nn.grad.conv{1,2,3}d_weight``) beat any contraction we
-can schedule for it. Padding modes other than zeros, asymmetric padding and
-transposed layers are mapped onto a plain convolution first, so the route is
-exact for every configuration with 1 to 3 spatial dimensions.
+The batch-summed weight gradient and the input VJP are what PyTorch's backward
+computes anyway; its kernels (``torch.nn.grad``, ``F.conv*d``) beat any
+contraction we can schedule for overlapping kernels. Padding modes other than
+zeros, asymmetric padding and transposed layers are mapped onto a plain
+unpadded convolution first (the padding applied explicitly, or its adjoint
+afterwards), so the routes are exact for every configuration with 1 to 3
+spatial dimensions. Only public PyTorch functions are used.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
 import torch.nn.grad as conv_grad
 from torch import Tensor
 
 from .patches import padded_input
+from .pattern import source_positions
 from .simplify import fit_length
 from .spec import ConvSpec
 
@@ -21,6 +28,12 @@ _WEIGHT_GRADIENTS = {
     2: conv_grad.conv2d_weight,
     3: conv_grad.conv3d_weight,
 }
+_INPUT_GRADIENTS = {
+    1: conv_grad.conv1d_input,
+    2: conv_grad.conv2d_input,
+    3: conv_grad.conv3d_input,
+}
+_CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def supports(spec: ConvSpec) -> bool:
@@ -45,17 +58,97 @@ def weight_vjp(spec: ConvSpec, x: Tensor, grad_output: Tensor) -> Tensor:
             dilation=spec.dilation,
             groups=spec.groups,
         )
-    shifted = grad_output
-    for d in range(spec.ndim):
-        left = spec.padding[d][0]
-        reach = (x.shape[2 + d] - 1) * spec.stride[d]
-        length = reach + spec.dilation[d] * (spec.kernel_size[d] - 1) + 1
-        shifted = fit_length(shifted, 2 + d, length, left)
     return gradient(
-        shifted,
+        _aligned_output(spec, grad_output, x.shape[2:]),
         spec.weight_shape(),
         x,
         stride=spec.stride,
         dilation=spec.dilation,
         groups=spec.groups,
     )
+
+
+def _aligned_output(
+    spec: ConvSpec, grad_output: Tensor, input_size: Sequence[int]
+) -> Tensor:
+    """Shift a transposed layer's output gradient by its left crop and fit it.
+
+    The length is what an unpadded convolution needs to map it back to
+    ``input_size``. Positions past that length are read by no (input
+    position, tap) pair.
+    """
+    for d in range(spec.ndim):
+        left = spec.padding[d][0]
+        reach = (input_size[d] - 1) * spec.stride[d]
+        length = reach + spec.dilation[d] * (spec.kernel_size[d] - 1) + 1
+        grad_output = fit_length(
+            grad_output, grad_output.ndim - spec.ndim + d, length, left
+        )
+    return grad_output
+
+
+def _unpad_adjoint(
+    spec: ConvSpec, grad_padded: Tensor, input_size: Sequence[int]
+) -> Tensor:
+    """Adjoint of :func:`.patches.padded_input`: fold padded positions back.
+
+    Zero padding is cropped; the other modes add each padded position onto
+    the real position it copies (the same map as the index pattern's).
+    """
+    ndim = spec.ndim
+    for d in range(ndim):
+        left, right = spec.padding[d]
+        if left == right == 0:
+            continue
+        dim = grad_padded.ndim - ndim + d
+        size = input_size[d]
+        if spec.padding_mode == "zeros":
+            grad_padded = grad_padded.narrow(dim, left, size)
+            continue
+        virtual = torch.arange(-left, size + right, device=grad_padded.device)
+        real, _ = source_positions(virtual, size, spec.padding_mode)
+        shape = list(grad_padded.shape)
+        shape[dim] = size
+        folded = grad_padded.new_zeros(shape)
+        grad_padded = folded.index_add_(dim, real, grad_padded)
+    return grad_padded
+
+
+def input_vjp(
+    spec: ConvSpec,
+    grad_output: Tensor,
+    weight: Tensor,
+    input_size: Sequence[int],
+    vectors: bool = False,
+) -> Tensor:
+    """Input VJPs ``[(V,) N, C_in, *I]`` by PyTorch's kernels.
+
+    A convolution's input gradient is computed for the padded input (no
+    padding in the kernel call, so asymmetric ``'same'`` padding works) and
+    the padding's adjoint is applied; a transposed layer's is the plain
+    convolution of its aligned output gradient.
+    """
+    input_size = tuple(input_size)
+    flat = grad_output.flatten(0, 1) if vectors else grad_output
+    if spec.transposed:
+        result = _CONVOLUTIONS[spec.ndim](
+            _aligned_output(spec, flat, input_size),
+            weight,
+            stride=spec.stride,
+            dilation=spec.dilation,
+            groups=spec.groups,
+        )
+    else:
+        padded_size = [
+            size + left + right for size, (left, right) in zip(input_size, spec.padding)
+        ]
+        grad_padded = _INPUT_GRADIENTS[spec.ndim](
+            (flat.shape[0], spec.in_channels, *padded_size),
+            weight,
+            flat,
+            stride=spec.stride,
+            dilation=spec.dilation,
+            groups=spec.groups,
+        )
+        result = _unpad_adjoint(spec, grad_padded, input_size)
+    return result.unflatten(0, grad_output.shape[:2]) if vectors else result
