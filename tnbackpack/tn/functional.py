@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from math import prod
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import checks, expressions, patches, shifted, torch_routes
-from .network import TensorNetwork
+from . import autotune, checks, expressions, patches, shifted, torch_routes
+from .network import TensorNetwork, plan
 from .simplify import simplify
 from .spec import ConvSpec
 
@@ -25,10 +25,10 @@ MAX_BLOCK_ELEMENTS = 2**25
 
 ROUTES = ("auto", "materialize", "contract")
 
-#: Above this many output-gradient rows per input channel, per-sample weight
-#: VJPs of a convolution copy the patches once (``unfold``) instead of
-#: shifting (``shifted``); see :func:`per_sample_weight_vjp_route`.
-UNFOLD_ROWS_PER_CHANNEL = 4
+#: Relative cost of gathering one element of a strided patch view into a
+#: matrix, against streaming one element through a matrix product; see
+#: :func:`_cheaper_product_route`.
+GATHER_COST = 5
 
 
 def _run(tn: TensorNetwork, simplified: bool) -> Tensor:
@@ -147,22 +147,58 @@ def _per_sample_weight_vjp_route(
     tn_cost = simplify(
         expressions.per_sample_weight_vjp(spec, x, grad_output, vectors)
     ).cost()
+    product_cost = _product_cost(spec, x, grad_output, vectors)
+    if product_cost >= tn_cost:
+        return "tn", tn_cost
+    if spec.transposed:
+        return "shifted", product_cost
+    traffic = _product_route_traffic(spec, x_shape, grad_output_shape, vectors)
+    return min(traffic, key=traffic.get), product_cost
+
+
+def _product_cost(spec: ConvSpec, x: Tensor, grad_output: Tensor, vectors: bool) -> int:
+    """FLOPs of the product routes: one multiply-add per (sample, weight, position)."""
     batch = x.shape[0] * (grad_output.shape[0] if vectors else 1)
     positions = prod(
         grad_output.shape[-spec.ndim :] if not spec.transposed else x.shape[2:]
     )
-    product_cost = 2 * batch * prod(spec.weight_shape()) * positions
-    if product_cost >= tn_cost:
-        return "tn", tn_cost
-    # Both product routes do the same FLOPs. ``shifted`` re-reads the output
-    # gradient rows once per kernel tap; ``unfold`` copies the input patches
-    # once and then runs one well-shaped product. Many rows per input channel
-    # (the V columns of a square root) favour the copy; measured on 3x3 layers:
-    # V=1 (64 rows vs 32 channels) shifted 1.6x faster, V=10 unfold 1.6x faster.
-    rows = (grad_output.shape[0] if vectors else 1) * spec.out_channels
-    if not spec.transposed and rows > UNFOLD_ROWS_PER_CHANNEL * spec.in_channels:
-        return "unfold", product_cost
-    return "shifted", product_cost
+    return 2 * batch * prod(spec.weight_shape()) * positions
+
+
+def _product_route_traffic(
+    spec: ConvSpec,
+    x_shape: Tuple[int, ...],
+    grad_output_shape: Tuple[int, ...],
+    vectors: bool,
+) -> Dict[str, int]:
+    """Memory traffic per sample of ``shifted`` and ``unfold`` (a convolution).
+
+    Both do the same FLOPs. ``shifted`` reads the output-gradient rows and the
+    input once per kernel tap and writes (then stacks) one weight-sized block
+    per tap; ``unfold`` gathers the patches once (a strided copy, weighted
+    ``GATHER_COST`` per element) and writes the result once. Measured on
+    3x3 layers, one thread: 32x32 inputs, 64 rows: shifted 1.6x faster; 640
+    rows (V=10): unfold 1.6x faster; 6x6 inputs, 128 rows: unfold 3.7x faster.
+    """
+    groups = spec.groups
+    rows = (grad_output_shape[0] if vectors else 1) * spec.out_channels // groups
+    channels = spec.in_channels // groups
+    taps = prod(spec.kernel_size)
+    out_size = grad_output_shape[-spec.ndim :]
+    positions = prod(out_size)
+    # the shifted route's flat grid: the first output dimension times the
+    # padded phase lengths of the others
+    padded = [
+        size + left + right for size, (left, right) in zip(x_shape[2:], spec.padding)
+    ]
+    grid = [-(-p // s) for p, s in zip(padded, spec.stride)]
+    flat = out_size[0] * prod(grid[1:])
+    block = rows * channels
+    shifted_traffic = taps * flat * (rows + channels) + 3 * taps * block
+    unfold_traffic = (
+        GATHER_COST * taps * channels * positions + rows * positions + taps * block
+    )
+    return {"shifted": shifted_traffic, "unfold": unfold_traffic}
 
 
 def per_sample_weight_vjp(
@@ -181,12 +217,18 @@ def per_sample_weight_vjp(
         grad_output: ``[N, C_out, *O]``, or ``[V, N, C_out, *O]`` if ``vectors``.
         vectors: Whether ``grad_output`` has a leading vector axis.
         simplified: Apply the strided-window rewrite (``tn`` route).
-        route: ``tn``, ``shifted``, ``unfold`` (convolutions only) or ``auto``
-            (see :func:`per_sample_weight_vjp_route`).
+        route: ``tn``, ``shifted``, ``unfold`` (convolutions only) or ``auto``:
+            the cost model (:func:`per_sample_weight_vjp_route`) names the
+            candidates, and with :data:`.autotune.POLICY` ``"measure"`` the
+            fastest is found by one timed run per (spec, shapes).
     """
     tn = expressions.per_sample_weight_vjp(spec, x, grad_output, vectors)
     if route == "auto":
         route, _ = per_sample_weight_vjp_route(spec, x, grad_output, vectors)
+        if autotune.POLICY == "measure":
+            return _measured_per_sample_weight_vjp(
+                spec, x, grad_output, vectors, simplified, route
+            )
     if route == "shifted":
         return shifted.per_sample_weight_vjp(spec, x, grad_output, vectors)
     if route == "unfold":
@@ -196,6 +238,59 @@ def per_sample_weight_vjp(
             f"route must be 'auto', 'tn', 'shifted' or 'unfold', got {route!r}"
         )
     return _run(tn, simplified)
+
+
+#: Candidates measured by ``auto``: the network only if its FLOP estimate is
+#: within ``TN_WITHIN`` of the product routes', a product route only if its
+#: traffic estimate is within ``TRAFFIC_WITHIN`` of the other's. A hopeless
+#: candidate's one timed run could cost seconds (measured: 3.4 s for the
+#: network of an 80-tap Conv1d, 5.7 s for the shifted route of a 3x3x3 Conv3d
+#: with 3 input channels, where the chosen route takes 4 ms and 0.5 s).
+TN_WITHIN = 1.5
+TRAFFIC_WITHIN = 3
+
+
+def _measured_per_sample_weight_vjp(
+    spec: ConvSpec,
+    x: Tensor,
+    grad_output: Tensor,
+    vectors: bool,
+    simplified: bool,
+    model_route: str,
+) -> Tensor:
+    """Per-sample weight VJPs by the route that measured fastest for this key."""
+    tn = expressions.per_sample_weight_vjp(spec, x, grad_output, vectors)
+    product_cost = _product_cost(spec, x, grad_output, vectors)
+    names = ["tn"] if simplify(tn).cost() <= TN_WITHIN * product_cost else []
+    if spec.transposed:
+        names.append("shifted")
+    else:
+        traffic = _product_route_traffic(spec, *_shapes_only(x, grad_output), vectors)
+        least = min(traffic.values())
+        names += [n for n, t in traffic.items() if t <= TRAFFIC_WITHIN * least]
+    if model_route not in names:
+        names.append(model_route)
+    names.sort(key=lambda name: name == model_route)  # the model's choice last
+    if "tn" in names:  # plan outside the timing: planning is paid once anyway
+        network = simplify(tn) if simplified else tn
+        plan(network.equation(), _shapes_only(*network.operands))
+
+    def run(name: str) -> Callable[[], Tensor]:
+        return lambda: per_sample_weight_vjp(
+            spec, x, grad_output, vectors, simplified, route=name
+        )
+
+    key = (
+        "per_sample_weight_vjp",
+        spec,
+        *_shapes_only(x, grad_output),
+        vectors,
+        simplified,
+        x.dtype,
+        x.device,
+    )
+    _, result = autotune.fastest(key, {name: run(name) for name in names})
+    return result
 
 
 def bias_vjp(
@@ -261,19 +356,18 @@ def kfac_input_factor(
 
     ``reduce`` always contracts the summed patterns (no unfolded input). For
     ``expand``, ``route`` picks between the network (``tn``) and one Gram
-    matrix of strided-view patches (``strided``, convolutions only); ``auto``
-    compares their FLOP estimates.
+    matrix of strided-view patches (``strided``, convolutions only). ``auto``
+    takes ``tn`` where the strided-window rewrite turns it into a reshape and
+    a product, and for transposed layers; ``strided`` elsewhere. FLOP
+    estimates mislead here: the network's cheapest-FLOP path pairs the two
+    pattern copies into large permuted intermediates whose memory traffic
+    dominates (measured 2.6x slower than the Gram matrix for DeepOBS 2c2d's
+    second layer, 1.75x for a 3x3 layer).
     """
     tn = expressions.kfac_input_factor(spec, x, approx, output_size)
     if route == "auto":
-        route = "tn"
-        if approx == "expand" and not spec.transposed:
-            simple = simplify(tn) if simplified else tn
-            side = spec.in_channels // spec.groups * prod(spec.kernel_size)
-            positions = prod(_output_size_of(spec, x, output_size))
-            gram = 2 * spec.groups * side**2 * x.shape[0] * positions
-            if gram < simple.cost():
-                route = "strided"
+        use_tn = approx == "reduce" or spec.transposed or _all_windows(tn)
+        route = "tn" if use_tn else "strided"
     if route == "tn":
         return _run(tn, simplified)
     if route != "strided" or approx != "expand":

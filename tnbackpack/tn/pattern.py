@@ -63,6 +63,31 @@ def source_positions(
     raise ValueError(f"unknown padding_mode {padding_mode!r}")
 
 
+def _entries(
+    input_size: int,
+    output_size: int,
+    kernel_size: int,
+    stride: int,
+    padding_left: int,
+    dilation: int,
+    padding_mode: str,
+    transposed: bool,
+):
+    """Indices ``(k, i, o)`` of the ones; at most one ``i`` per ``(k, o)``."""
+    taps = torch.arange(kernel_size).unsqueeze(1) * dilation
+    if transposed:
+        inputs = torch.arange(input_size).unsqueeze(0)
+        outputs = taps + stride * inputs - padding_left  # [K, I]
+        keep = (outputs >= 0) & (outputs < output_size)
+        k_idx, i_idx = keep.nonzero(as_tuple=True)
+        return k_idx, i_idx, outputs[k_idx, i_idx]
+    outputs = torch.arange(output_size).unsqueeze(0)
+    virtual = taps + stride * outputs - padding_left  # [K, O]
+    real, keep = source_positions(virtual, input_size, padding_mode)
+    k_idx, o_idx = keep.nonzero(as_tuple=True)
+    return k_idx, real[k_idx, o_idx], o_idx
+
+
 @lru_cache(maxsize=512)
 def index_pattern(
     input_size: int,
@@ -79,7 +104,8 @@ def index_pattern(
     """The index pattern ``Π[k, i, o]`` of one spatial dimension.
 
     Cached: a training loop builds each pattern once. The returned tensor is
-    shared between callers and must not be modified in place.
+    shared between callers and must not be modified in place. On the ``meta``
+    device (used to plan without data) nothing is computed.
 
     Args:
         input_size: Layer input size ``I`` along this dimension.
@@ -97,29 +123,58 @@ def index_pattern(
     Returns:
         Binary tensor of shape ``[K, I, O]``.
     """
-    taps = torch.arange(kernel_size).unsqueeze(1) * dilation
-    if transposed:
-        inputs = torch.arange(input_size).unsqueeze(0)
-        outputs = taps + stride * inputs - padding_left  # [K, I]
-        keep = (outputs >= 0) & (outputs < output_size)
-        k_idx, i_idx = keep.nonzero(as_tuple=True)
-        o_idx = outputs[k_idx, i_idx]
-    else:
-        outputs = torch.arange(output_size).unsqueeze(0)
-        virtual = taps + stride * outputs - padding_left  # [K, O]
-        real, keep = source_positions(virtual, input_size, padding_mode)
-        k_idx, o_idx = keep.nonzero(as_tuple=True)
-        i_idx = real[k_idx, o_idx]
-    pattern = torch.zeros(kernel_size, input_size, output_size, dtype=dtype)
+    shape = (kernel_size, input_size, output_size)
+    if torch.device(device).type == "meta":
+        return torch.empty(shape, device=device, dtype=dtype)
+    k_idx, i_idx, o_idx = _entries(
+        input_size,
+        output_size,
+        kernel_size,
+        stride,
+        padding_left,
+        dilation,
+        padding_mode,
+        transposed,
+    )
+    pattern = torch.zeros(shape, dtype=dtype)
     pattern[k_idx, i_idx, o_idx] = 1
     return pattern.to(device)
 
 
 @lru_cache(maxsize=512)
-def summed_index_pattern(*args) -> Tensor:
+def summed_index_pattern(
+    input_size: int,
+    output_size: int,
+    kernel_size: int,
+    stride: int,
+    padding_left: int,
+    dilation: int,
+    padding_mode: str,
+    transposed: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tensor:
     """``Π̄[k, i] = Σ_o Π[k, i, o]``: the pattern summed over output positions.
 
-    Takes the arguments of :func:`index_pattern`. KFAC-reduce contracts this
-    two-leg tensor with the input instead of unfolding it.
+    Takes the arguments of :func:`index_pattern` and counts the entries
+    directly, so the ``[K, I, O]`` pattern is never built. KFAC-reduce
+    contracts this two-leg tensor with the input instead of unfolding it.
     """
-    return index_pattern(*args).sum(-1)
+    shape = (kernel_size, input_size)
+    if torch.device(device).type == "meta":
+        return torch.empty(shape, device=device, dtype=dtype)
+    k_idx, i_idx, _ = _entries(
+        input_size,
+        output_size,
+        kernel_size,
+        stride,
+        padding_left,
+        dilation,
+        padding_mode,
+        transposed,
+    )
+    summed = torch.zeros(shape, dtype=dtype)
+    summed.index_put_(
+        (k_idx, i_idx), torch.ones(len(k_idx), dtype=dtype), accumulate=True
+    )
+    return summed.to(device)
