@@ -123,22 +123,11 @@ def index_pattern(
     Returns:
         Binary tensor of shape ``[K, I, O]``.
     """
-    shape = (kernel_size, input_size, output_size)
-    if torch.device(device).type == "meta":
-        return torch.empty(shape, device=device, dtype=dtype)
-    k_idx, i_idx, o_idx = _entries(
-        input_size,
-        output_size,
-        kernel_size,
-        stride,
-        padding_left,
-        dilation,
-        padding_mode,
-        transposed,
-    )
-    pattern = torch.zeros(shape, dtype=dtype)
-    pattern[k_idx, i_idx, o_idx] = 1
-    return pattern.to(device)
+    layer = (
+        input_size, output_size, kernel_size, stride, padding_left, dilation,
+        padding_mode, transposed,
+    )  # fmt: skip
+    return _count_entries(layer, summed=False, device=device, dtype=dtype)
 
 
 @lru_cache(maxsize=512)
@@ -160,21 +149,23 @@ def summed_index_pattern(
     directly, so the ``[K, I, O]`` pattern is never built. KFAC-reduce
     contracts this two-leg tensor with the input instead of unfolding it.
     """
-    shape = (kernel_size, input_size)
+    layer = (
+        input_size, output_size, kernel_size, stride, padding_left, dilation,
+        padding_mode, transposed,
+    )  # fmt: skip
+    return _count_entries(layer, summed=True, device=device, dtype=dtype)
+
+
+def _count_entries(
+    layer: tuple, summed: bool, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """``Π [K, I, O]``, or ``Π̄ [K, I]`` counting each ``(k, i)``; nothing on meta."""
+    input_size, output_size, kernel_size = layer[:3]
+    shape = (kernel_size, input_size) + (() if summed else (output_size,))
     if torch.device(device).type == "meta":
         return torch.empty(shape, device=device, dtype=dtype)
-    k_idx, i_idx, _ = _entries(
-        input_size,
-        output_size,
-        kernel_size,
-        stride,
-        padding_left,
-        dilation,
-        padding_mode,
-        transposed,
-    )
-    summed = torch.zeros(shape, dtype=dtype)
-    summed.index_put_(
-        (k_idx, i_idx), torch.ones(len(k_idx), dtype=dtype), accumulate=True
-    )
-    return summed.to(device)
+    indices = _entries(*layer)[: 2 if summed else 3]
+    counts = torch.zeros(shape, dtype=dtype)
+    ones = torch.ones(len(indices[0]), dtype=dtype)
+    counts.index_put_(indices, ones, accumulate=True)
+    return counts.to(device)
