@@ -54,6 +54,7 @@ def check_forward_and_vjps(case):
         close(engine.input_vjp(spec, grad_outputs, w, x.shape[2:], vectors=True,
                                route="torch"), input_vjps(layer, grad_outputs))
     routes = ("shifted", "auto") if spec.transposed else ("shifted", "unfold", "auto")
+    routes += ("grouped",) if spec.ndim <= 3 else ()
     for route in routes:
         close(engine.per_sample_weight_vjp(spec, x, grad_outputs, vectors=True,
                                            route=route), per_sample_w)

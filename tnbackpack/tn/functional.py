@@ -217,7 +217,9 @@ def per_sample_weight_vjp(
         grad_output: ``[N, C_out, *O]``, or ``[V, N, C_out, *O]`` if ``vectors``.
         vectors: Whether ``grad_output`` has a leading vector axis.
         simplified: Apply the strided-window rewrite (``tn`` route).
-        route: ``tn``, ``shifted``, ``unfold`` (convolutions only) or ``auto``:
+        route: ``tn``, ``shifted``, ``unfold`` (convolutions only),
+            ``grouped`` (PyTorch's grouped weight gradient, 1-3 dimensions) or
+            ``auto``:
             the cost model (:func:`per_sample_weight_vjp_route`) names the
             candidates, and with :data:`.autotune.POLICY` ``"measure"`` the
             fastest is found by one timed run per (spec, shapes).
@@ -233,9 +235,12 @@ def per_sample_weight_vjp(
         return shifted.per_sample_weight_vjp(spec, x, grad_output, vectors)
     if route == "unfold":
         return patches.per_sample_weight_vjp(spec, x, grad_output, vectors)
+    if route == "grouped":
+        return torch_routes.per_sample_weight_vjp(spec, x, grad_output, vectors)
     if route != "tn":
         raise ValueError(
-            f"route must be 'auto', 'tn', 'shifted' or 'unfold', got {route!r}"
+            "route must be 'auto', 'tn', 'shifted', 'unfold' or 'grouped', "
+            f"got {route!r}"
         )
     return _run(tn, simplified)
 
@@ -248,6 +253,11 @@ def per_sample_weight_vjp(
 #: with 3 input channels, where the chosen route takes 4 ms and 0.5 s).
 TN_WITHIN = 1.5
 TRAFFIC_WITHIN = 3
+
+
+def _few_channels_per_group(spec: ConvSpec) -> bool:
+    """Depthwise-like layers, where PyTorch's grouped weight gradient shines."""
+    return spec.in_channels // spec.groups * spec.out_channels // spec.groups <= 4
 
 
 def _measured_per_sample_weight_vjp(
@@ -268,6 +278,8 @@ def _measured_per_sample_weight_vjp(
         traffic = _product_route_traffic(spec, *_shapes_only(x, grad_output), vectors)
         least = min(traffic.values())
         names += [n for n, t in traffic.items() if t <= TRAFFIC_WITHIN * least]
+    if _few_channels_per_group(spec) and torch_routes.supports(spec):
+        names.append("grouped")
     if model_route not in names:
         names.append(model_route)
     names.sort(key=lambda name: name == model_route)  # the model's choice last
@@ -357,16 +369,17 @@ def kfac_input_factor(
     ``reduce`` always contracts the summed patterns (no unfolded input). For
     ``expand``, ``route`` picks between the network (``tn``) and one Gram
     matrix of strided-view patches (``strided``, convolutions only). ``auto``
-    takes ``tn`` where the strided-window rewrite turns it into a reshape and
-    a product, and for transposed layers; ``strided`` elsewhere. FLOP
-    estimates mislead here: the network's cheapest-FLOP path pairs the two
-    pattern copies into large permuted intermediates whose memory traffic
+    takes ``strided`` for every convolution and ``tn`` for transposed layers.
+    FLOP estimates mislead here: the network's cheapest-FLOP path pairs the
+    two pattern copies into large permuted intermediates whose memory traffic
     dominates (measured 2.6x slower than the Gram matrix for DeepOBS 2c2d's
-    second layer, 1.75x for a 3x3 layer).
+    second layer, 1.75x for a 3x3 layer), and even where the strided-window
+    rewrite applies, einsum's product is slower than one Gram matrix (0.72x
+    BackPACK's speed for the ConvNeXt 4x4/4 stem by ``tn``).
     """
     tn = expressions.kfac_input_factor(spec, x, approx, output_size)
     if route == "auto":
-        use_tn = approx == "reduce" or spec.transposed or _all_windows(tn)
+        use_tn = approx == "reduce" or spec.transposed
         route = "tn" if use_tn else "strided"
     if route == "tn":
         return _run(tn, simplified)
