@@ -1,0 +1,155 @@
+"""Smoke test of ``python -m tnbackpack.benchmark`` and checks of its helpers.
+
+The benchmark measures; these tests only make sure it runs end to end (timing,
+BackPACK check, memory subprocess, CSV/markdown/plot) and that the pieces that
+decide a row's status and ratios are right.
+"""
+
+import csv
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tnbackpack import extensions
+from tnbackpack.benchmark import ALL_EXTENSIONS, CASES, extension_pairs
+from tnbackpack.benchmark.__main__ import main, parse
+from tnbackpack.benchmark.cases import Case
+from tnbackpack.benchmark.check import relative_error
+from tnbackpack.benchmark.memory import backward_peak_mb
+from tnbackpack.benchmark.report import Row, geometric_mean, summary_lines
+from tnbackpack.benchmark.timing import time_interleaved
+from tnbackpack.benchmark.workload import Workload
+
+
+def test_quick_run_writes_outputs(tmp_path):
+    main(
+        [
+            "--quick",
+            "--cases=inceptionv3_7x7",
+            "--extensions=BatchL2Grad,KFAC(reduce),DiagGGNExact",
+            "--batch=2",
+            "--repeats=1",
+            "--warmup=0",
+            f"--output={tmp_path}",
+        ]
+    )
+    with open(tmp_path / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["case"], r["extension"]) for r in rows] == [
+        ("inceptionv3_7x7", ext)
+        for ext in ("BatchL2Grad", "KFAC(reduce)", "DiagGGNExact")
+    ]
+    for row in rows:
+        assert row["status"] == "ok"  # BackPACK is right on these layers
+        for column in ("plain_ms", "tnbackpack_ms", "backpack_ms"):
+            assert float(row[column]) > 0
+        for column in ("tnbackpack_mb", "backpack_mb", "tnbackpack_first_mb"):
+            assert float(row[column]) >= 0  # a number, not an error text
+    table = (tmp_path / "table.md").read_text()
+    assert "| inceptionv3_7x7 | DiagGGNExact |" in table
+    assert "geometric mean" in table
+    assert (tmp_path / "speedup.png").stat().st_size > 0
+
+
+def test_quick_defaults():
+    settings = parse(["--quick"])
+    assert settings.repeats == 3 and settings.threads == 1 and settings.batch == 32
+    assert set(settings.cases) <= set(CASES)
+    assert str(settings.output).endswith("quick")
+
+
+def test_failing_backpack_is_reported_not_dropped(tmp_path):
+    # BackPACK's KFAC refuses groups (depthwise conv): the row says so.
+    main(
+        [
+            "--cases=mobilenetv2_dw",
+            "--extensions=KFAC(backpack)",
+            "--batch=2",
+            "--repeats=1",
+            "--no-memory",
+            f"--output={tmp_path}",
+        ]
+    )
+    with open(tmp_path / "results.csv") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["status"].startswith("fails: NotImplementedError")
+    assert row["backpack_ms"] == "" and float(row["tnbackpack_ms"]) > 0
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_case_models_run(name):
+    case = CASES[name]
+    model = case.model()
+    x, y = case.data(2)
+    assert model(x).shape == (2, case.num_classes)
+    if case.kind == "layer":  # the head is frozen, the layer is not
+        *_, head = model
+        assert not any(p.requires_grad for p in head.parameters())
+        assert any(p.requires_grad for p in model.parameters())
+
+
+def test_every_extension_has_a_pair():
+    pairs, notes = extension_pairs(ALL_EXTENSIONS)
+    assert [p.name for p in pairs] == list(ALL_EXTENSIONS) and notes == []
+
+
+def test_relative_error():
+    a = {"w": torch.tensor([3.0, 4.0]), "b": [torch.ones(2), torch.zeros(1)]}
+    assert relative_error(a, a) == 0.0
+    b = {"w": torch.tensor([3.0, 4.0]), "b": [torch.ones(2), torch.ones(1)]}
+    assert relative_error(a, b) == pytest.approx(1 / math.sqrt(27))
+    assert relative_error(a, {"w": a["w"]}) == math.inf
+    assert relative_error(a, {**a, "w": torch.zeros(3)}) == math.inf
+
+
+def test_interleaved_timing_records_failures():
+    calls = []
+
+    def failing():
+        raise NotImplementedError("no rule\nfor this")
+
+    timings = time_interleaved(
+        {"a": lambda: calls.append("a"), "b": failing, "c": lambda: calls.append("c")},
+        cleanup=lambda: None,
+        repeats=4,
+    )
+    assert timings.errors == {"b": "NotImplementedError: no rule"}
+    assert len(timings.seconds["a"]) == len(timings.seconds["c"]) == 4
+    assert calls[2:4] == ["a", "c"] and calls[4:6] == ["c", "a"]  # rotated order
+    assert timings.median_ms("b") is None and timings.median_ms("a") >= 0
+
+
+def test_summary_figures():
+    rows = [
+        Row("l", "layer", "A", "ok", 1.0, 2.0, 8.0, tnbackpack_mb=1.0, backpack_mb=4.0),
+        Row("l", "layer", "B", "ok", 1.0, 4.0, 2.0, tnbackpack_mb=3.0, backpack_mb=2.0),
+        Row("l", "layer", "C", "fails: X", 1.0, 2.0),
+        Row("l", "layer", "D", "wrong (rel. err 0.3)", 1.0, 1.0, 3.0),
+    ]
+    assert geometric_mean([4.0, 0.5]) == pytest.approx(math.sqrt(2))
+    text = "\n".join(summary_lines(rows))
+    assert "over 2 (case, extension) rows where BackPACK works: 1.41×" in text
+    assert "minimum 0.50× (l / B)" in text
+    assert "1 rows above 1: l / B 1.50" in text
+    assert "BackPACK fails: 1" in text
+
+
+def test_backward_peak_counts_the_results():
+    # Plain backward: the weight gradients; BatchGrad: plus N per-sample copies.
+    linear = Case(
+        "linear",
+        "net",
+        "two linear layers",
+        (100,),
+        10,
+        lambda: nn.Sequential(nn.Linear(100, 100, bias=False), nn.Linear(100, 10)),
+    )
+    workload = Workload(linear, 5)
+    grads_mb = (100 * 100 + 10 * 100 + 10) * 4 / 2**20
+    # The results dominate; the small temporaries (gradients w.r.t. layer
+    # outputs, [5, 100]) move the figures by about a percent.
+    assert backward_peak_mb(workload, None) == pytest.approx(grads_mb, rel=0.05)
+    batch_grad = backward_peak_mb(workload, extensions.BatchGrad())
+    assert batch_grad == pytest.approx(6 * grads_mb, rel=0.05)
