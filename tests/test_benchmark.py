@@ -18,7 +18,7 @@ from tnbackpack.benchmark.__main__ import main, parse
 from tnbackpack.benchmark.cases import Case
 from tnbackpack.benchmark.check import relative_error
 from tnbackpack.benchmark.memory import backward_peak_mb
-from tnbackpack.benchmark.report import Row, geometric_mean, summary_lines
+from tnbackpack.benchmark.report import Row, geometric_mean, read_csv, summary_lines
 from tnbackpack.benchmark.timing import time_interleaved
 from tnbackpack.benchmark.workload import Workload
 
@@ -47,6 +47,8 @@ def test_quick_run_writes_outputs(tmp_path):
             assert float(row[column]) > 0
         for column in ("tnbackpack_mb", "backpack_mb", "tnbackpack_first_mb"):
             assert float(row[column]) >= 0  # a number, not an error text
+    (first, *_) = read_csv(tmp_path / "results.csv")
+    assert first.extension == "BatchL2Grad" and first.speedup > 0
     table = (tmp_path / "table.md").read_text()
     assert "| inceptionv3_7x7 | DiagGGNExact |" in table
     assert "geometric mean" in table

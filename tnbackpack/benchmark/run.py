@@ -168,7 +168,7 @@ def preamble(settings: Settings, notes: List[str], started: str) -> str:
     lines = [
         "# tnbackpack vs BackPACK: time and peak memory",
         "",
-        f"Command: `python -m tnbackpack.benchmark {' '.join(sys.argv[1:])}`".rstrip(),
+        f"Command: `{' '.join(['python -m tnbackpack.benchmark', *sys.argv[1:]])}`",
         "",
         f"Environment: {environment()}; {started}; {settings.threads} thread(s); "
         "batch size "
