@@ -16,7 +16,7 @@ across runs), at some cost in speed.
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Hashable, Tuple
+from typing import Callable, Dict, Hashable, Optional, Tuple
 
 from torch import Tensor
 
@@ -63,6 +63,11 @@ def fastest(
         del result
     _CHOICES[key] = best_name
     return best_name, best_result
+
+
+def remembered(key: Hashable) -> Optional[str]:
+    """The route measured fastest for ``key``, or ``None`` before the first call."""
+    return _CHOICES.get(key)
 
 
 def choices() -> Dict[Hashable, str]:

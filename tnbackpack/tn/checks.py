@@ -87,7 +87,7 @@ def check_output_like(
         input_size, output_padding=(0,) * spec.ndim, allow_empty=spec.transposed
     )
     if spec.transposed:
-        slack = tuple(max(s, d) for s, d in zip(spec.stride, spec.dilation))
+        slack = _output_slack(spec)
         ok = all(0 <= o - m < s for o, m, s in zip(size, smallest, slack))
     else:
         ok = size == smallest
@@ -98,6 +98,11 @@ def check_output_like(
             f"spatial size {tuple(input_size)} gives outputs of size {expected}"
         )
     return size
+
+
+def _output_slack(spec: ConvSpec) -> Tuple[int, ...]:
+    """How far a transposed layer's output may exceed its smallest size (PyTorch)."""
+    return tuple(max(s, d) for s, d in zip(spec.stride, spec.dilation))
 
 
 def output_padding_for(
@@ -118,7 +123,7 @@ def output_padding_for(
     )
     extra = tuple(o - m for o, m in zip(requested, smallest))
     if spec.transposed:
-        slack = tuple(max(s, d) for s, d in zip(spec.stride, spec.dilation))
+        slack = _output_slack(spec)
         valid = len(requested) == spec.ndim and all(
             0 <= e < s for e, s in zip(extra, slack)
         )

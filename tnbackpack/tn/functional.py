@@ -228,23 +228,51 @@ def per_sample_weight_vjp(
             fastest is found by one timed run per (spec, shapes).
     """
     tn = expressions.per_sample_weight_vjp(spec, x, grad_output, vectors)
+    if route not in ("auto", *_PER_SAMPLE_ROUTES):
+        raise ValueError(
+            "route must be 'auto', 'tn', 'shifted', 'unfold' or 'grouped', "
+            f"got {route!r}"
+        )
     if route == "auto":
         route, _ = per_sample_weight_vjp_route(spec, x, grad_output, vectors)
         if autotune.POLICY == "measure":
-            return _measured_per_sample_weight_vjp(
-                spec, x, grad_output, vectors, simplified, route
+            key = (
+                "per_sample_weight_vjp",
+                spec,
+                *_shapes_only(x, grad_output),
+                vectors,
+                simplified,
+                x.dtype,
+                x.device,
             )
+            remembered = autotune.remembered(key)
+            if remembered is None:
+                return _measure_per_sample_routes(
+                    key, tn, spec, x, grad_output, vectors, simplified, route
+                )
+            route = remembered
+    return _per_sample_by_route(route, tn, spec, x, grad_output, vectors, simplified)
+
+
+_PER_SAMPLE_ROUTES = ("tn", "shifted", "unfold", "grouped")
+
+
+def _per_sample_by_route(
+    route: str,
+    tn: TensorNetwork,
+    spec: ConvSpec,
+    x: Tensor,
+    grad_output: Tensor,
+    vectors: bool,
+    simplified: bool,
+) -> Tensor:
+    """Per-sample weight VJPs by one named route (``tn`` is the built network)."""
     if route == "shifted":
         return shifted.per_sample_weight_vjp(spec, x, grad_output, vectors)
     if route == "unfold":
         return patches.per_sample_weight_vjp(spec, x, grad_output, vectors)
     if route == "grouped":
         return torch_routes.per_sample_weight_vjp(spec, x, grad_output, vectors)
-    if route != "tn":
-        raise ValueError(
-            "route must be 'auto', 'tn', 'shifted', 'unfold' or 'grouped', "
-            f"got {route!r}"
-        )
     return _run(tn, simplified)
 
 
@@ -263,7 +291,36 @@ def _few_channels_per_group(spec: ConvSpec) -> bool:
     return spec.in_channels // spec.groups * spec.out_channels // spec.groups <= 4
 
 
-def _measured_per_sample_weight_vjp(
+@lru_cache(maxsize=1024)
+def _measured_candidates(
+    spec: ConvSpec,
+    x_shape: Tuple[int, ...],
+    grad_output_shape: Tuple[int, ...],
+    vectors: bool,
+    model_route: str,
+) -> Tuple[str, ...]:
+    """Routes worth one timed run, the model's choice last (it wins ties)."""
+    x, grad_output = _meta(x_shape), _meta(grad_output_shape)
+    tn = expressions.per_sample_weight_vjp(spec, x, grad_output, vectors)
+    product_cost = _product_cost(spec, x, grad_output, vectors)
+    names = ["tn"] if simplify(tn).cost() <= TN_WITHIN * product_cost else []
+    if spec.transposed:
+        names.append("shifted")
+    else:
+        traffic = _product_route_traffic(spec, x_shape, grad_output_shape, vectors)
+        least = min(traffic.values())
+        names += [n for n, t in traffic.items() if t <= TRAFFIC_WITHIN * least]
+    if _few_channels_per_group(spec) and torch_routes.supports(spec):
+        names.append("grouped")
+    if model_route not in names:
+        names.append(model_route)
+    names.sort(key=lambda name: name == model_route)
+    return tuple(names)
+
+
+def _measure_per_sample_routes(
+    key: tuple,
+    tn: TensorNetwork,
     spec: ConvSpec,
     x: Tensor,
     grad_output: Tensor,
@@ -271,39 +328,19 @@ def _measured_per_sample_weight_vjp(
     simplified: bool,
     model_route: str,
 ) -> Tensor:
-    """Per-sample weight VJPs by the route that measured fastest for this key."""
-    tn = expressions.per_sample_weight_vjp(spec, x, grad_output, vectors)
-    product_cost = _product_cost(spec, x, grad_output, vectors)
-    names = ["tn"] if simplify(tn).cost() <= TN_WITHIN * product_cost else []
-    if spec.transposed:
-        names.append("shifted")
-    else:
-        traffic = _product_route_traffic(spec, *_shapes_only(x, grad_output), vectors)
-        least = min(traffic.values())
-        names += [n for n, t in traffic.items() if t <= TRAFFIC_WITHIN * least]
-    if _few_channels_per_group(spec) and torch_routes.supports(spec):
-        names.append("grouped")
-    if model_route not in names:
-        names.append(model_route)
-    names.sort(key=lambda name: name == model_route)  # the model's choice last
+    """Time the plausible routes once for ``key``; return the fastest's result."""
+    names = _measured_candidates(
+        spec, *_shapes_only(x, grad_output), vectors, model_route
+    )
     if "tn" in names:  # plan outside the timing: planning is paid once anyway
         network = simplify(tn) if simplified else tn
         plan(network.equation(), _shapes_only(*network.operands))
 
     def run(name: str) -> Callable[[], Tensor]:
-        return lambda: per_sample_weight_vjp(
-            spec, x, grad_output, vectors, simplified, route=name
+        return lambda: _per_sample_by_route(
+            name, tn, spec, x, grad_output, vectors, simplified
         )
 
-    key = (
-        "per_sample_weight_vjp",
-        spec,
-        *_shapes_only(x, grad_output),
-        vectors,
-        simplified,
-        x.dtype,
-        x.device,
-    )
     _, result = autotune.fastest(key, {name: run(name) for name in names})
     return result
 

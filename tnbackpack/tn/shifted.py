@@ -30,20 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .patches import fold_vectors, padded_input
+from .simplify import pad_trailing
 from .spec import ConvSpec
 
 
 def _pad_to(tensor: Tensor, sizes: Sequence[int]) -> Tensor:
-    """Zero-pad (on the right) or crop the trailing dims of ``tensor`` to ``sizes``.
-
-    One ``F.pad`` call (negative amounts crop): measured 3x faster than
-    concatenating zeros, which copies through a strided kernel.
-    """
+    """Zero-pad (on the right) or crop the trailing dims of ``tensor`` to ``sizes``."""
     trailing = tensor.shape[tensor.ndim - len(sizes) :]
-    amounts = [size - current for size, current in zip(sizes, trailing)]
-    if not any(amounts):
-        return tensor
-    return F.pad(tensor, [p for amount in reversed(amounts) for p in (0, amount)])
+    return pad_trailing(tensor, [(0, s - t) for s, t in zip(sizes, trailing)])
 
 
 def shifted_correlation(
