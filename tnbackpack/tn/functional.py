@@ -311,9 +311,8 @@ def _measured_candidates(
         # shifted route's per-tap products are (5.7 s vs 0.5 s, 3x3x3 Conv3d)
         traffic = _product_route_traffic(spec, x_shape, grad_output_shape, vectors)
         least = min(traffic.values())
-        names += [
-            n for n, t in traffic.items() if n == "unfold" or t <= TRAFFIC_WITHIN * least
-        ]
+        within = [n for n, t in traffic.items() if t <= TRAFFIC_WITHIN * least]
+        names += [n for n in traffic if n == "unfold" or n in within]
     # PyTorch's grouped weight gradient: often the fastest for one vector per
     # sample (dense 3x3 32->64 on 32x32: 20 ms vs 21 unfold, 33 shifted), but
     # with V vectors it runs V·N groups and falls far behind (0.33 s vs 0.16 s)
