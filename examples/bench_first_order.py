@@ -25,6 +25,7 @@ from torch import nn
 
 from tnbackpack import backpack, extend
 from tnbackpack import extensions as tn_extensions
+from tnbackpack.tn import autotune
 
 NAMES = ("BatchGrad", "BatchL2Grad", "SumGradSquared", "Variance")
 
@@ -111,6 +112,8 @@ def main(rounds: int, warmup: int, clock_name: str) -> None:
         backward_ratio = (value - fwd) / (base - fwd)
         extra = "" if key.startswith("forward") else f"{backward_ratio:10.2f}"
         print(f"{key:34s} {1e3 * value:12.1f} {value / base:7.2f} {extra}")
+    routes = sorted({route for route in autotune.choices().values()})
+    print(f"per-sample route(s) chosen by the engine's one-time measurement: {routes}")
 
 
 if __name__ == "__main__":

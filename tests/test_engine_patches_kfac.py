@@ -1,5 +1,7 @@
 """Patches (unfold) and KFAC factors of the engine against loop-built references."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,8 @@ from engine_cases import (
 )
 
 from tnbackpack.tn import functional as engine
+from tnbackpack.tn import gram
+from tnbackpack.tn.spec import ConvSpec
 
 CASES = pytest.mark.parametrize("name", NAMES)
 
@@ -75,8 +79,11 @@ def test_unfold_matches_torch_unfold(name):
     layer = cached_layer(name)
     spec = layer.spec
     expected = F.unfold(
-        layer.x, spec.kernel_size, dilation=spec.dilation,
-        padding=[p for p, _ in spec.padding], stride=spec.stride,
+        layer.x,
+        spec.kernel_size,
+        dilation=spec.dilation,
+        padding=[p for p, _ in spec.padding],
+        stride=spec.stride,
     )
     close(engine.unfold(spec, layer.x), expected)
 
@@ -86,7 +93,9 @@ def test_kfac_input_factor(name, route, simplified):
     layer = cached_layer(name)
     for approx in ("expand", "reduce"):
         kwargs = dict(
-            approx=approx, output_size=layer.output_size, simplified=simplified,
+            approx=approx,
+            output_size=layer.output_size,
+            simplified=simplified,
             route=route,
         )
         if route == "strided" and (layer.transposed or approx == "reduce"):
@@ -104,9 +113,22 @@ def test_kfac_input_factor(name, route, simplified):
 def test_kfac_output_factor(name):
     layer = cached_layer(name)
     sqrt_ggn = layer.random_output_like(3)
-    for approx in ("expand", "reduce"):
-        factor = engine.kfac_output_factor(layer.spec, sqrt_ggn, approx=approx)
+    for approx, route in itertools.product(("expand", "reduce"), ("gram", "tn")):
+        factor = engine.kfac_output_factor(layer.spec, sqrt_ggn, approx, route)
         close(factor, kfac_output_reference(sqrt_ggn, layer.spec.groups, approx))
+
+
+@pytest.mark.parametrize("positions", [5, 70])  # both blockings of the gram route
+def test_kfac_output_factor_blocks(positions, monkeypatch):
+    """Several blocks of the batch, a partial last one, groups; vs the reference."""
+    monkeypatch.setattr(gram, "BLOCK_ELEMENTS", 200)
+    spec = ConvSpec.from_kwargs(1, 4, 6, 3, groups=2)
+    sqrt_ggn = torch.randn(3, 5, 6, positions, dtype=torch.float64)
+    for approx in ("expand", "reduce"):
+        factor = engine.kfac_output_factor(spec, sqrt_ggn, approx)
+        close(factor, kfac_output_reference(sqrt_ggn, 2, approx))
+    with pytest.raises(ValueError, match="route"):
+        engine.kfac_output_factor(spec, sqrt_ggn, route="einsum")
 
 
 def test_kfac_factors_reject_unknown_approximation():

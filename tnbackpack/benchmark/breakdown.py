@@ -1,11 +1,12 @@
 """Where the time of one backward goes: a ``torch.profiler`` table for one pair.
 
     python -m tnbackpack.benchmark.breakdown --case inceptionv3_7x7
-        --extension DiagGGNExact [--implementation backpack] [--stack]
+        --extension DiagGGNExact [--implementation backpack] [--stack] [--shapes]
 
 Runs two warm-up steps (plans, caches), then profiles one forward + backward
 and prints the operators sorted by their own CPU time; ``--stack`` groups them
-by the calling source lines (which tnbackpack or BackPACK function spent it).
+by the calling source lines (which tnbackpack or BackPACK function spent it),
+``--shapes`` by the operands' shapes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def breakdown(
     batch: int = 32,
     rows: int = 15,
     stack: bool = False,
+    shapes: bool = False,
 ) -> str:
     """The profiler table of one steady-state step of ``extension`` on ``case``."""
     (pair,), _ = extension_pairs((extension,))
@@ -36,11 +38,19 @@ def breakdown(
     for _ in range(2):
         workload.step(ext)
         workload.clear()
-    with profile(activities=[ProfilerActivity.CPU], with_stack=stack) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU], with_stack=stack, record_shapes=shapes
+    ) as prof:
         workload.step(ext)
     workload.clear()
-    averages = prof.key_averages(group_by_stack_n=6 if stack else 0)
-    return averages.table(sort_by="self_cpu_time_total", row_limit=rows)
+    averages = prof.key_averages(
+        group_by_input_shape=shapes, group_by_stack_n=6 if stack else 0
+    )
+    return averages.table(
+        sort_by="self_cpu_time_total",
+        row_limit=rows,
+        max_shapes_column_width=100 if shapes else None,
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -55,6 +65,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--stack", action="store_true", help="group by source lines")
+    parser.add_argument("--shapes", action="store_true", help="group by operand shapes")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(
@@ -65,6 +76,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             args.batch,
             args.rows,
             args.stack,
+            args.shapes,
         )
     )
 

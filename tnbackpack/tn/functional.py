@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import autotune, checks, expressions, patches, shifted, torch_routes
+from . import autotune, checks, expressions, gram, patches, shifted, torch_routes
 from .network import TensorNetwork, plan
 from .simplify import simplify
 from .spec import ConvSpec
@@ -440,10 +440,28 @@ def kfac_input_factor(
 
 
 def kfac_output_factor(
-    spec: ConvSpec, sqrt_ggn: Tensor, approx: str = "expand"
+    spec: ConvSpec, sqrt_ggn: Tensor, approx: str = "expand", route: str = "auto"
 ) -> Tensor:
-    """Output-side Kronecker factor ``[G, co, co]`` from ``S [V, N, C_out, *O]``."""
-    return expressions.kfac_output_factor(spec, sqrt_ggn, approx).contract()
+    """Output-side Kronecker factor ``[G, co, co]`` from ``S [V, N, C_out, *O]``.
+
+    Args:
+        spec: The layer.
+        sqrt_ggn: Backpropagated square root ``[V, N, C_out, *O]``.
+        approx: ``"expand"`` (sum over positions of outer products) or
+            ``"reduce"`` (outer products of the position sums).
+        route: ``"gram"`` (blocked matrix products, :mod:`.gram`), ``"tn"``
+            (the network of :func:`.expressions.kfac_output_factor`), or
+            ``"auto"`` (``gram``).
+    """
+    tn = expressions.kfac_output_factor(spec, sqrt_ggn, approx)  # checks too
+    if route not in ("auto", "gram", "tn"):
+        raise ValueError(f"route must be 'auto', 'gram' or 'tn', got {route!r}")
+    if route == "tn":
+        return tn.contract()
+    rows = sqrt_ggn.flatten(0, 1).flatten(2)  # [V·N, C_out, T]
+    if approx == "reduce":
+        rows = rows.sum(2, keepdim=True)
+    return gram.grouped_gram(rows, spec.groups)
 
 
 # ------------------------------------------------------- squares of weight VJPs
