@@ -25,7 +25,7 @@ from torch import nn
 
 from tnbackpack import backpack, extend
 from tnbackpack import extensions as tn_extensions
-from tnbackpack.tn import autotune
+from tnbackpack.tn import ConvSpec, autotune, functional
 
 NAMES = ("BatchGrad", "BatchL2Grad", "SumGradSquared", "Variance")
 
@@ -80,7 +80,15 @@ def main(rounds: int, warmup: int, clock_name: str) -> None:
 
         return run
 
+    conv = model[0]
+    spec = ConvSpec.from_module(conv)
+    grad_output = torch.randn_like(conv(x))
+
+    def per_sample_vjp() -> None:  # the extension's irreducible work
+        functional.per_sample_weight_vjp(spec, x, grad_output)
+
     configs: Dict[str, Callable[[], None]] = {
+        "per-sample weight VJP alone": per_sample_vjp,
         "forward only (extended model)": forward,
         "plain forward+backward": plain,
         "extended, no extension": with_extension(None),
@@ -110,8 +118,15 @@ def main(rounds: int, warmup: int, clock_name: str) -> None:
     print(f"{header} {'bwd ratio':>10s}")
     for key, value in median.items():
         backward_ratio = (value - fwd) / (base - fwd)
-        extra = "" if key.startswith("forward") else f"{backward_ratio:10.2f}"
+        alone = key.startswith(("forward", "per-sample"))
+        extra = "" if alone else f"{backward_ratio:10.2f}"
         print(f"{key:34s} {1e3 * value:12.1f} {value / base:7.2f} {extra}")
+    hooks = median["extended, no extension"] - fwd
+    floor = (hooks + median["per-sample weight VJP alone"]) / (base - fwd)
+    print(
+        f"floor for BatchGrad's backward: extended backward + one per-sample VJP "
+        f"= {floor:.2f}x a plain backward"
+    )
     routes = sorted({route for route in autotune.choices().values()})
     print(f"per-sample route(s) chosen by the engine's one-time measurement: {routes}")
 

@@ -5,7 +5,10 @@ flatten -> Linear(-> 10, frozen) -> CrossEntropyLoss, one thread. The head is
 frozen so that its Kronecker factor does not dominate (DESIGN.md §6). Every
 round times, interleaved, a plain forward+backward and the same with each
 extension; the table shows medians over the rounds and their ratio to the
-plain pass.
+plain pass. Two more rows bound what any implementation of DiagGGNExact can
+reach here: the extension with the conv frozen (BackPACK's rules for the
+layers after it, which both libraries share) and ten summed weight VJPs of
+the conv (the arithmetic of a 10-class exact diagonal, at PyTorch's speed).
 
 ``--routes`` also times the two input-VJP routes of
 :mod:`tnbackpack.extensions.derivatives` (10 vectors) on overlapping (3×3,
@@ -103,8 +106,27 @@ def run_table(rounds: int) -> None:
 
         return step
 
+    conv = model[0]
+
+    def frozen_conv_diag_ggn() -> None:
+        """BackPACK's rules for the layers after the conv, and nothing else."""
+        conv.requires_grad_(False)
+        try:
+            with_extension(tn.DiagGGNExact)()
+        finally:
+            conv.requires_grad_(True)
+
+    grad_outputs = torch.randn(10, *conv(x).shape)
+
+    def ten_weight_vjps() -> None:
+        """The arithmetic of an exact diagonal GGN with 10 classes, at best."""
+        for grad_output in grad_outputs:
+            torch.nn.grad.conv2d_weight(x, conv.weight.shape, grad_output, padding=1)
+
     steps = {"plain forward+backward": plain}
     steps.update({label: with_extension(f) for label, f in factories.items()})
+    steps["DiagGGNExact, conv frozen"] = frozen_conv_diag_ggn
+    steps["10 summed weight VJPs alone"] = ten_weight_vjps
     times: Dict[str, List[float]] = {label: [] for label in steps}
     for step in steps.values():  # warm-up: plans, patterns, allocator
         step()
@@ -125,6 +147,14 @@ def run_table(rounds: int) -> None:
         times["DiagHessian (tn)"]
     )
     print(f"DiagHessian: BackPACK / tnbackpack = {diag_h:.2f}")
+    floor = statistics.median(times["DiagGGNExact, conv frozen"]) + statistics.median(
+        times["10 summed weight VJPs alone"]
+    )
+    best = statistics.median(times["DiagGGNExact (BackPACK)"]) / floor
+    print(
+        f"DiagGGNExact floor (conv frozen + 10 weight VJPs): {floor:.3f} s, "
+        f"at most {best:.2f}x faster than BackPACK"
+    )
 
 
 def run_routes(rounds: int) -> None:
