@@ -11,7 +11,7 @@ spatial dimensions. Only public PyTorch functions are used.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -50,11 +50,13 @@ def weight_vjp(spec: ConvSpec, x: Tensor, grad_output: Tensor) -> Tensor:
     """
     gradient = _WEIGHT_GRADIENTS[spec.ndim]
     if not spec.transposed:
+        x, padding = _input_and_padding(spec, x)
         return gradient(
-            padded_input(spec, x),
+            x,
             spec.weight_shape(),
             grad_output,
             stride=spec.stride,
+            padding=padding,
             dilation=spec.dilation,
             groups=spec.groups,
         )
@@ -66,6 +68,18 @@ def weight_vjp(spec: ConvSpec, x: Tensor, grad_output: Tensor) -> Tensor:
         dilation=spec.dilation,
         groups=spec.groups,
     )
+
+
+def _input_and_padding(spec: ConvSpec, x: Tensor) -> Tuple[Tensor, Tuple[int, ...]]:
+    """The input and the padding to pass to PyTorch's kernel.
+
+    Symmetric zero padding is left to the kernel, which saves a padded copy
+    of the input (fresh pages on every call); other padding is applied here.
+    """
+    symmetric = all(left == right for left, right in spec.padding)
+    if spec.padding_mode == "zeros" and symmetric:
+        return x, tuple(left for left, _ in spec.padding)
+    return padded_input(spec, x), (0,) * spec.ndim
 
 
 def _aligned_output(
@@ -178,10 +192,11 @@ def per_sample_weight_vjp(
         x = x.unsqueeze(0).expand(v, *x.shape).flatten(0, 1)
         grad_output = grad_output.flatten(0, 1)
     batch = v * n
+    padding = (0,) * spec.ndim
     if spec.transposed:  # the convolution from output gradient to input
         big, small = _aligned_output(spec, grad_output, x.shape[2:]), x
     else:
-        big, small = padded_input(spec, x), grad_output
+        (big, padding), small = _input_and_padding(spec, x), grad_output
     folded_big = big.reshape(1, -1, *big.shape[2:])
     folded_small = small.reshape(1, -1, *small.shape[2:])
     shape = spec.weight_shape()
@@ -190,6 +205,7 @@ def per_sample_weight_vjp(
         (batch * shape[0], *shape[1:]),
         folded_small,
         stride=spec.stride,
+        padding=padding,
         dilation=spec.dilation,
         groups=batch * spec.groups,
     )
