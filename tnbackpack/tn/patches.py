@@ -116,6 +116,15 @@ def per_sample_weight_vjp(
     order = [0, 1, *range(2 + ndim, 2 + 2 * ndim), *range(2, 2 + ndim)]
     columns = view.permute(order).reshape(n * groups, -1, prod(out_size))
     columns = columns.transpose(1, 2)  # [N·G, T, ci·∏K]
+    if vectors and spec.out_channels == groups:
+        # One output channel per group (depthwise): the vectors of a group are
+        # rows of one strided matrix, so they meet the patches in a single
+        # product without copying them (read once instead of once per vector).
+        v = grad_output.shape[0]
+        rows = grad_output.reshape(v, n * groups, prod(out_size)).transpose(0, 1)
+        out = torch.bmm(rows, columns)  # [N·G, V, ci·∏K]
+        out = out.reshape(n, groups, v, -1).permute(2, 0, 1, 3)
+        return out.reshape(v, n, *spec.weight_shape())
     if vectors and prod(out_size) < FOLD_BELOW_POSITIONS:
         rows = fold_vectors(grad_output.flatten(-ndim), groups, vectors)
         out = torch.bmm(rows, columns)  # [N·G, V·co, ci·∏K]
