@@ -89,7 +89,7 @@ def input_factor(spec: ConvSpec, module: nn.Module, approx: str) -> Tensor:
     out_size = output_size(module)
     engine_approx = "expand" if approx == "backpack" else approx
     factor = functional.kfac_input_factor(spec, x, engine_approx, output_size=out_size)
-    return factor * prod(out_size) if approx == "backpack" else factor
+    return factor.mul_(prod(out_size)) if approx == "backpack" else factor
 
 
 def kfra_output_factor(spec: ConvSpec, ggn: Tensor, approx: str) -> Tensor:

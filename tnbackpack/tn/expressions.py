@@ -368,7 +368,8 @@ def kfac_input_factor(
     positions = prod(out_size)
     scale = 1.0 / (x.shape[0] * positions ** (2 if reduce else 1))
     side = spec.in_channels // spec.groups * prod(spec.kernel_size)
-    return tn.then(lambda a: a.reshape(spec.groups, side, side) * scale)
+    # in place: the Gram matrix is a fresh tensor, and a new one costs fresh pages
+    return tn.then(lambda a: a.reshape(spec.groups, side, side).mul_(scale))
 
 
 def kfac_output_factor(

@@ -92,7 +92,7 @@ def kfac_expand_input_factor(
     order = [1, 2, *taps, 0, *spatial]  # [G, ci, *K, N, *O]
     positions = prod(output_size)
     columns = grouped.permute(order).reshape(groups, -1, n * positions)
-    return columns @ columns.transpose(1, 2) / (n * positions)
+    return (columns @ columns.transpose(1, 2)).div_(n * positions)
 
 
 def per_sample_weight_vjp(
