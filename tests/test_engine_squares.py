@@ -49,6 +49,13 @@ def test_materialized_squares_in_chunks(name, monkeypatch):
     check_squares(name, "materialize", True)
 
 
+@pytest.mark.parametrize("name", ["c2-depthwise", "t2-depthwise", "c1-depthwise"])
+def test_materialized_squares_in_patch_bounded_chunks(name, monkeypatch):
+    """A patch budget below one sample's patches also forces one chunk per sample."""
+    monkeypatch.setattr(engine, "MAX_PATCH_ELEMENTS", 1)
+    check_squares(name, "materialize", True)
+
+
 def test_squares_reject_bad_options():
     layer = cached_layer("c2-basic")
     grad_output = layer.random_output_like()
