@@ -183,8 +183,10 @@ def per_sample_weight_vjp(
 
     Folding the batch (and vectors) into the channel groups turns the
     per-sample gradients into one weight gradient of a convolution with
-    ``B·G`` groups. This is BackPACK's route; it is slow for dense layers but
-    the fastest for depthwise ones, where every group is a single channel.
+    ``B·G`` groups. With one vector per sample it is often the fastest route
+    (a dense 3x3 layer: as fast as PyTorch's summed weight gradient); with
+    ``V`` vectors it runs ``V·B·G`` groups and falls far behind unless every
+    group is a single channel.
     """
     n = x.shape[0]
     v = grad_output.shape[0] if vectors else 1
