@@ -13,6 +13,7 @@ from engine_cases import (
 )
 
 from tnbackpack.tn import functional as engine
+from tnbackpack.tn import patches
 
 CASES = pytest.mark.parametrize("name", NAMES)
 
@@ -91,6 +92,21 @@ def test_per_sample_weight_vjp(name, route, simplified):
             route=route,
         )
         close(gw, expected)
+
+
+@pytest.mark.parametrize("fold_below", [0, 10**9])  # per-vector products / folded
+@pytest.mark.parametrize(
+    "name", ["c2-basic", "c2-depthwise", "c1-depthwise", "c3-groups-reflect"]
+)
+def test_unfold_route_both_vector_layouts(name, fold_below, monkeypatch):
+    """Both ways the unfold route meets several vectors, dense and depthwise."""
+    monkeypatch.setattr(patches, "FOLD_BELOW_POSITIONS", fold_below)
+    layer = cached_layer(name)
+    grad_output, expected, _ = cached_per_sample_grads(name, vectors=True)
+    gw = engine.per_sample_weight_vjp(
+        layer.spec, layer.x, grad_output, vectors=True, route="unfold"
+    )
+    close(gw, expected)
 
 
 def test_per_sample_weight_vjp_rejects_unknown_route():
