@@ -7,6 +7,7 @@ decide a row's status and ratios are right.
 
 import csv
 import math
+import time
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from tnbackpack.benchmark import ALL_EXTENSIONS, CASES, extension_pairs
 from tnbackpack.benchmark.__main__ import main, parse
 from tnbackpack.benchmark.cases import Case
 from tnbackpack.benchmark.check import relative_error
+from tnbackpack.benchmark.floor import without_conv_parameters
 from tnbackpack.benchmark.memory import backward_peak_mb
 from tnbackpack.benchmark.report import Row, geometric_mean, read_csv, summary_lines
 from tnbackpack.benchmark.timing import time_interleaved
@@ -43,7 +45,7 @@ def test_quick_run_writes_outputs(tmp_path):
     ]
     for row in rows:
         assert row["status"] == "ok"  # BackPACK is right on these layers
-        for column in ("plain_ms", "tnbackpack_ms", "backpack_ms"):
+        for column in ("plain_ms", "tnbackpack_ms", "backpack_ms", "floor_ms"):
             assert float(row[column]) > 0
         for column in ("tnbackpack_mb", "backpack_mb", "tnbackpack_first_mb"):
             assert float(row[column]) >= 0  # a number, not an error text
@@ -51,7 +53,7 @@ def test_quick_run_writes_outputs(tmp_path):
     assert first.extension == "BatchL2Grad" and first.speedup > 0
     table = (tmp_path / "table.md").read_text()
     assert "| inceptionv3_7x7 | DiagGGNExact |" in table
-    assert "geometric mean" in table
+    assert "geometric mean" in table and "speedup bound" in table
     assert (tmp_path / "speedup.png").stat().st_size > 0
 
 
@@ -123,6 +125,18 @@ def test_interleaved_timing_records_failures():
     assert timings.median_ms("b") is None and timings.median_ms("a") >= 0
 
 
+def test_fast_variants_get_more_rounds():
+    def sleep():
+        time.sleep(0.01)
+
+    timings = time_interleaved({"a": sleep}, lambda: None, 2, 0, min_seconds=0.05)
+    assert 5 <= len(timings.seconds["a"]) <= 10  # up to 5 x repeats by default
+    timings = time_interleaved(
+        {"a": sleep}, lambda: None, 2, 0, min_seconds=1.0, max_repeats=3
+    )
+    assert len(timings.seconds["a"]) == 3
+
+
 def test_summary_figures():
     rows = [
         Row("l", "layer", "A", "ok", 1.0, 2.0, 8.0, tnbackpack_mb=1.0, backpack_mb=4.0),
@@ -136,6 +150,43 @@ def test_summary_figures():
     assert "minimum 0.50× (l / B)" in text
     assert "1 rows above 1: l / B 1.50" in text
     assert "BackPACK fails: 1" in text
+
+
+def test_speedup_bound():
+    # BackPACK / max(plain, floor): the floor counts where it exceeds plain.
+    assert Row("l", "net", "A", "ok", 2.0, 5.0, 12.0, floor_ms=4.0).speedup_bound == 3
+    assert Row("l", "net", "A", "ok", 2.0, 5.0, 12.0, floor_ms=1.0).speedup_bound == 6
+    assert Row("l", "net", "A", "ok", 2.0, 5.0, 12.0).speedup_bound is None
+    row = Row("l", "net", "A", "ok", 2.0, 5.0, 12.0, floor_ms=4.0)
+    text = "\n".join(summary_lines([row]))
+    assert "geometric mean 3.00×; tnbackpack reaches 80% of it" in text
+
+
+@pytest.mark.parametrize("name", ["BatchGrad", "KFAC(reduce)", "DiagGGNExact"])
+def test_floor_skips_only_conv_parameters(name):
+    # 3c3d: three convs, three linear layers, all trainable.
+    (pair,), _ = extension_pairs((name,))
+    workload = Workload(CASES["3c3d"], 2, torch.float64)
+    full = pair.tnbackpack()
+    workload.backward(workload.forward(), full, seed=0)  # KFAC samples
+    expected = workload.results(full)
+    workload.clear()
+    floor = without_conv_parameters(pair.tnbackpack())
+    workload.backward(workload.forward(), floor, seed=0)
+    got = workload.results(floor)
+    convs = {
+        f"{name}.{p}"
+        for name, m in workload.model.named_modules()
+        if isinstance(m, nn.Conv2d)
+        for p in ("weight", "bias")
+    }
+    assert set(got) == set(expected) - convs and convs <= set(expected)
+    for key, value in got.items():  # linear quantities need the backpropagation
+        reference = expected[key]
+        if not isinstance(value, list):
+            value, reference = [value], [reference]
+        for a, b in zip(value, reference):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_backward_peak_counts_the_results():

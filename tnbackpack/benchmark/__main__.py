@@ -48,9 +48,20 @@ def parse(argv: Optional[List[str]] = None) -> Settings:
         help="stop a pair's rounds after this many seconds, at least 3 rounds (6)",
     )
     parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=2.0,
+        help="measure more rounds (up to 5x --repeats) until they took this long (2)",
+    )
+    parser.add_argument(
         "--output", type=Path, help="output directory (docs/benchmarks)"
     )
     parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
+    parser.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the floor variant (step without the conv parameters' work)",
+    )
     parser.add_argument(
         "--include-slow",
         action="store_true",
@@ -85,7 +96,9 @@ def parse(argv: Optional[List[str]] = None) -> Settings:
         repeats=args.repeats or (3 if quick else 5),
         warmup=args.warmup,
         max_seconds=args.max_seconds,
+        min_seconds=args.min_seconds,
         memory=not args.no_memory,
+        floor=not args.no_floor,
         include_slow=args.include_slow,
         check_batch=args.check_batch,
         max_result_gb=args.max_result_gb,

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .cases import CASES, Case
 from .check import check_backpack
 from .extensions import ExtensionPair, extension_pairs
+from .floor import has_convolutions, without_conv_parameters
 from .memory import measure_in_subprocess, variant_key
 from .report import Row, plot_speedups, summary_lines, write_csv, write_markdown
 from .timing import time_interleaved
@@ -36,7 +37,9 @@ class Settings:
     repeats: int = 5
     warmup: int = 1
     max_seconds: float = 6.0
+    min_seconds: float = 2.0
     memory: bool = True
+    floor: bool = True
     include_slow: bool = False
     check_batch: int = 2
     max_result_gb: float = 2.0
@@ -64,7 +67,10 @@ def skip_reason(
 def _measure_pair(
     workload: Workload, pair: ExtensionPair, settings: Settings
 ) -> Tuple[Row, bool]:
-    """Check BackPACK, then time plain / tnbackpack / BackPACK interleaved.
+    """Check BackPACK, then time plain / tnbackpack / BackPACK / floor interleaved.
+
+    The floor is tnbackpack's step without the conv parameters' work (see
+    :mod:`.floor`).
 
     Returns the row (without memory) and whether it was timed.
     """
@@ -82,16 +88,21 @@ def _measure_pair(
     if check.backpack_error is None:
         bp_extension = pair.backpack()
         variants["backpack"] = lambda: workload.step(bp_extension)
+    if settings.floor and has_convolutions(workload.model):
+        floor_extension = without_conv_parameters(pair.tnbackpack())
+        variants["floor"] = lambda: workload.step(floor_extension)
     timings = time_interleaved(
         variants,
         cleanup=workload.clear,
         repeats=settings.repeats,
         warmup=settings.warmup,
         max_seconds=settings.max_seconds,
+        min_seconds=settings.min_seconds,
     )
     row.plain_ms = timings.median_ms("plain")
     row.tnbackpack_ms = timings.median_ms("tnbackpack")
     row.backpack_ms = timings.median_ms("backpack")
+    row.floor_ms = timings.median_ms("floor")
     first = timings.first_seconds.get("tnbackpack")
     row.tnbackpack_first_ms = None if first is None else 1e3 * first
     row.repeats = len(timings.seconds["tnbackpack"])
@@ -171,9 +182,12 @@ def preamble(settings: Settings, notes: List[str], started: str) -> str:
         f"Command: `{' '.join(['python -m tnbackpack.benchmark', *sys.argv[1:]])}`",
         "",
         f"Environment: {environment()}; {started}; {settings.threads} thread(s); "
-        "batch size "
-        f"{settings.batch}; median over up to {settings.repeats} interleaved rounds "
-        f"(plain, tnbackpack, BackPACK round-robin, order rotated; {settings.warmup} "
+        f"batch size {settings.batch}; median over at least {settings.repeats} "
+        "interleaved rounds, "
+        f"more (up to {5 * settings.repeats}) until the rounds took "
+        f"{settings.min_seconds:.0f} s "
+        f"(plain, tnbackpack, BackPACK, floor round-robin, order rotated; "
+        f"{settings.warmup} "
         f"warm-up round(s); a pair stops early, after at least 3 rounds, once its "
         f"rounds took {settings.max_seconds:.0f} s). Times are forward + backward. "
         "Peak MB: extra memory allocated during the backward (torch.profiler, fresh "
@@ -182,7 +196,12 @@ def preamble(settings: Settings, notes: List[str], started: str) -> str:
         f"{settings.check_batch} (`wrong` above rel. err 1e-6; float32 and 1e-4 where "
         "BackPACK cannot run the model in float64; KFAC(expand/reduce) "
         "rows are compared through tnbackpack's KFAC(backpack), the same quantity as "
-        "BackPACK's). Speedup = BackPACK ms / tnbackpack ms.",
+        "BackPACK's). Speedup = BackPACK ms / tnbackpack ms. Floor: the same step "
+        "with the conv rules only backpropagating (no quantity for conv parameters), "
+        "i.e. the part of the step tnbackpack leaves to PyTorch and BackPACK by "
+        "design; bound = BackPACK ms / max(plain ms, floor ms) is the speedup the "
+        "row would reach if the conv parameters' quantities cost nothing (see "
+        "`tnbackpack/benchmark/floor.py`).",
         "",
         "| case | kind | model | input | classes |",
         "|---|---|---|---|---|",

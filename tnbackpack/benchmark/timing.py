@@ -47,6 +47,8 @@ def time_interleaved(
     warmup: int = 1,
     max_seconds: float = float("inf"),
     min_repeats: int = 3,
+    min_seconds: float = 0.0,
+    max_repeats: Optional[int] = None,
 ) -> Timings:
     """Median-ready timings of ``variants``, run round-robin.
 
@@ -61,6 +63,12 @@ def time_interleaved(
         max_seconds: Stop after the round that exceeds this wall time (counted
             from the first measured round), once ``min_repeats`` rounds are done.
         min_repeats: Rounds always measured despite ``max_seconds``.
+        min_seconds: Go on past ``repeats`` rounds until the measured rounds
+            took this long: fast variants get more rounds, and so a median
+            that a page-fault burst in one round does not move (steps of a few
+            ms vary by +-30% from round to round on a busy machine).
+        max_repeats: Upper limit of rounds under ``min_seconds``
+            (default ``5 * repeats``).
 
     Returns:
         Per-variant lists of seconds and the errors of failed variants.
@@ -88,12 +96,15 @@ def time_interleaved(
         for name in list(active):
             run(name, measure=False)
     start = time.perf_counter()
-    for round_index in range(repeats):
+    limit = max(repeats, max_repeats if max_repeats is not None else 5 * repeats)
+    for round_index in range(limit):
         shift = round_index % max(len(active), 1)
         for name in active[shift:] + active[:shift]:
             if name in active:
                 run(name, measure=True)
-        done = round_index + 1
-        if done >= min_repeats and time.perf_counter() - start > max_seconds:
+        done, elapsed = round_index + 1, time.perf_counter() - start
+        if done >= min_repeats and elapsed > max_seconds:
+            break
+        if done >= repeats and elapsed >= min_seconds:
             break
     return timings
