@@ -57,3 +57,23 @@ def test_patterns_are_shared_and_follow_the_dtype():
     y = engine.forward(SPEC, x, w)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, conv(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_patterns_are_built_only_for_contracted_networks():
+    # An 80-tap Conv1d's pattern [80, 4000, 981] is 1.2 GB; routes that do not
+    # contract a network (and argument checks) must not build it.
+    # (smaller sizes here, same code path)
+    spec = ConvSpec.from_kwargs(1, 1, 4, kernel_size=20, stride=4)
+    x = torch.randn(2, 1, 400, dtype=torch.float64)
+    w = torch.randn(spec.weight_shape(), dtype=torch.float64)
+    gy = torch.randn(3, 2, 4, 96, dtype=torch.float64)  # 3 vectors
+    misses = index_pattern.cache_info().misses
+    per_sample = engine.per_sample_weight_vjp(spec, x, gy, vectors=True, route="unfold")
+    engine.weight_vjp(spec, x, gy[0], route="torch")
+    engine.input_vjp(spec, gy, w, (400,), vectors=True, route="torch")
+    assert index_pattern.cache_info().misses == misses
+    # the network route still builds (and caches) it when it runs
+    torch.testing.assert_close(
+        engine.per_sample_weight_vjp(spec, x, gy, vectors=True, route="tn"), per_sample
+    )
+    assert index_pattern.cache_info().misses == misses + 1

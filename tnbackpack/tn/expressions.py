@@ -13,9 +13,11 @@ contracts; :mod:`.functional` simplifies and evaluates the networks.
 
 from __future__ import annotations
 
+from functools import partial
 from math import prod
 from typing import Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor
 
 from . import checks
@@ -106,7 +108,7 @@ def _add_patterns(
             like.dtype,
         )
         k, i, o = f"{kernel}{d}", f"{position_in}{d}", f"{position_out}{d}"
-        if summed:
+        if summed:  # [K, I]: small, built at once
             tn.add(summed_index_pattern(*args), (k, i))
             continue
         small, big = (i, o) if spec.transposed else (o, i)
@@ -126,7 +128,15 @@ def _add_patterns(
             big_size=big_size,
             windows=windows(spec, d),
         )
-        tn.add(index_pattern(*args), (k, i, o), leg=leg)
+        # [K, I, O] can be large; built only if the network is contracted
+        placeholder = torch.empty(
+            spec.kernel_size[d],
+            input_size[d],
+            output_size[d],
+            device="meta",
+            dtype=like.dtype,
+        )
+        tn.add(placeholder, (k, i, o), leg=leg, build=partial(index_pattern, *args))
 
 
 def _resolve_output_size(

@@ -63,6 +63,12 @@ class TensorNetwork:
         legs: Pattern metadata, keyed by operand position.
         finalize: Applied to the contraction result (reshape to the user-facing
             shape, undo rewrites of result axes).
+        deferred: Operands that are data-less placeholders (``meta`` tensors
+            of the right shape), keyed by ``id``, with the function that builds
+            the real tensor. Index patterns are deferred: a network is also
+            built just to check arguments or to estimate a route's cost, and a
+            pattern can be large (``[80, 4000, 981]`` for an 80-tap Conv1d is
+            1.2 GB), so it is built only when the network is contracted.
     """
 
     operands: List[Tensor]
@@ -70,18 +76,36 @@ class TensorNetwork:
     output: Axes
     legs: Dict[int, PatternLeg] = field(default_factory=dict)
     finalize: Optional[Callable[[Tensor], Tensor]] = None
+    deferred: Dict[int, Callable[[], Tensor]] = field(default_factory=dict)
 
     def add(
-        self, operand: Tensor, axes: Sequence[str], leg: Optional[PatternLeg] = None
+        self,
+        operand: Tensor,
+        axes: Sequence[str],
+        leg: Optional[PatternLeg] = None,
+        build: Optional[Callable[[], Tensor]] = None,
     ):
-        """Append an operand (and its pattern metadata, if it is a pattern)."""
+        """Append an operand (and its pattern metadata, if it is a pattern).
+
+        With ``build``, ``operand`` is a placeholder of the right shape and
+        ``build()`` makes the real tensor when the network is contracted.
+        """
         if operand.ndim != len(axes):
             raise ValueError(f"operand of shape {tuple(operand.shape)} vs axes {axes}")
         if leg is not None:
             self.legs[len(self.operands)] = leg
+        if build is not None:
+            self.deferred[id(operand)] = build
         self.operands.append(operand)
         self.axes.append(tuple(axes))
         return self
+
+    def materialized(self) -> List[Tensor]:
+        """The operands, with every deferred placeholder built."""
+        return [
+            self.deferred[id(op)]() if id(op) in self.deferred else op
+            for op in self.operands
+        ]
 
     def then(self, function: Callable[[Tensor], Tensor]) -> TensorNetwork:
         """Compose ``function`` after the current finalization."""
@@ -127,7 +151,8 @@ class TensorNetwork:
     def contract(self) -> Tensor:
         """Contract the network with its cached plan and finalize the result."""
         shapes = tuple(tuple(op.shape) for op in self.operands)
-        result = plan(self.equation(), shapes)(*self.operands, backend="torch")
+        operands = self.materialized()
+        result = plan(self.equation(), shapes)(*operands, backend="torch")
         return result if self.finalize is None else self.finalize(result)
 
 

@@ -123,6 +123,7 @@ def simplify(tn: TensorNetwork) -> TensorNetwork:
         [op for j, op in enumerate(operands) if j not in removed],
         [names for j, names in enumerate(axes) if j not in removed],
         output,
+        deferred=tn.deferred,  # the kept patterns are still placeholders
     )
     final_output = tn.output
 
