@@ -13,7 +13,7 @@ from engine_cases import (
 )
 
 from tnbackpack.tn import functional as engine
-from tnbackpack.tn import patches
+from tnbackpack.tn import patches, torch_routes
 
 CASES = pytest.mark.parametrize("name", NAMES)
 
@@ -55,6 +55,22 @@ def test_input_vjp(name, route, simplified):
     gx = engine.input_vjp(
         layer.spec, grad_outputs, layer.weight, input_size, vectors=True,
         simplified=simplified, route=route,
+    )
+    close(gx, input_vjps(layer, grad_outputs))
+
+
+@CASES
+def test_input_vjp_in_chunks(name, monkeypatch):
+    # One or two rows per kernel call: the chunks' results must tile the whole.
+    layer = cached_layer(name)
+    if layer.spec.ndim > 3:
+        pytest.skip("PyTorch has convolution kernels for 1 to 3 dimensions")
+    grad_outputs = layer.random_output_like(3)
+    row = max(grad_outputs[0, 0].numel(), layer.x[0].numel())
+    monkeypatch.setattr(torch_routes, "MAX_CHUNK_ELEMENTS", 2 * row)
+    gx = engine.input_vjp(
+        layer.spec, grad_outputs, layer.weight, layer.x.shape[2:], vectors=True,
+        route="torch",
     )
     close(gx, input_vjps(layer, grad_outputs))
 

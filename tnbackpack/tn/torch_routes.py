@@ -11,6 +11,7 @@ spatial dimensions. Only public PyTorch functions are used.
 
 from __future__ import annotations
 
+from math import prod
 from typing import Sequence, Tuple
 
 import torch
@@ -28,6 +29,13 @@ _WEIGHT_GRADIENTS = {
     2: conv_grad.conv2d_weight,
     3: conv_grad.conv3d_weight,
 }
+#: Input VJPs of more rows than this many elements (per row: the larger of
+#: output gradient and input gradient) run in chunks (:func:`input_vjp`).
+#: Measured with 10 vectors, batch 32 (ms, whole vs chunks of 2^22 / 2^20):
+#: ResNet 3x3 476 / 470 / 406, Conv3d 3x3x3 211 / 230 / 143, Inception 7x1
+#: 452 / 382 / 391, M5 Conv1d k3 122 / 70 / 77; 3c3d's small layers unchanged.
+MAX_CHUNK_ELEMENTS = 2**20
+
 _CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _TRANSPOSED_CONVOLUTIONS = {
     1: F.conv_transpose1d,
@@ -138,42 +146,70 @@ def input_vjp(
     """Input VJPs ``[(V,) N, C_in, *I]`` by PyTorch's kernels.
 
     A convolution's input gradient is the transposed convolution of the output
-    gradient onto the padded input (no padding in the kernel call, so
-    asymmetric ``'same'`` padding works; ``output_padding`` reaches the padded
-    size), followed by the padding's adjoint. Measured 1.05-1.5x faster than
-    ``torch.nn.grad.conv2d_input`` for 3x3 layers. A transposed layer's input
-    gradient is the plain convolution of its aligned output gradient.
+    gradient. Symmetric zero padding is passed to the kernel, which then writes
+    only the real input positions (measured 15-30% faster than computing the
+    padded gradient and cropping it, and the padded buffer is gone: 61 vs 45 MB
+    for an Inception 7x1 layer with 10 vectors). Other padding runs unpadded in
+    the kernel onto the padded input (asymmetric ``'same'`` padding works;
+    ``output_padding`` reaches the padded size), followed by the padding's
+    adjoint. A transposed layer's input gradient is the plain convolution of
+    its aligned output gradient.
     """
     input_size = tuple(input_size)
     flat = grad_output.flatten(0, 1) if vectors else grad_output
+    rows = flat.shape[0]
+    row_elements = max(prod(flat.shape[1:]), spec.in_channels * prod(input_size))
+    chunk = max(1, MAX_CHUNK_ELEMENTS // row_elements)
+    if chunk >= rows:
+        result = _input_vjp_rows(spec, flat, weight, input_size)
+    else:
+        # PyTorch's kernel copies its whole input and output into its own
+        # layout; in chunks, those copies stay small and in cache (an
+        # Inception 7x1 layer with 10 vectors: peak 196 -> 135 MB, and faster)
+        chunk = -(-rows // -(-rows // chunk))  # equal chunks
+        result = flat.new_empty(rows, spec.in_channels, *input_size)
+        for start in range(0, rows, chunk):
+            stop = min(start + chunk, rows)
+            result[start:stop] = _input_vjp_rows(
+                spec, flat[start:stop], weight, input_size
+            )
+    return result.unflatten(0, grad_output.shape[:2]) if vectors else result
+
+
+def _input_vjp_rows(
+    spec: ConvSpec, flat: Tensor, weight: Tensor, input_size: Tuple[int, ...]
+) -> Tensor:
+    """:func:`input_vjp` of ``[B, C_out, *O]`` rows in one kernel call."""
     if spec.transposed:
-        result = _CONVOLUTIONS[spec.ndim](
+        return _CONVOLUTIONS[spec.ndim](
             _aligned_output(spec, flat, input_size),
             weight,
             stride=spec.stride,
             dilation=spec.dilation,
             groups=spec.groups,
         )
-    else:
-        reached = [
-            (o - 1) * s + d * (k - 1) + 1
-            for o, s, d, k in zip(
-                flat.shape[2:], spec.stride, spec.dilation, spec.kernel_size
-            )
-        ]
-        padded_size = [
-            size + left + right for size, (left, right) in zip(input_size, spec.padding)
-        ]
-        grad_padded = _TRANSPOSED_CONVOLUTIONS[spec.ndim](
-            flat,
-            weight,
-            stride=spec.stride,
-            output_padding=tuple(p - r for p, r in zip(padded_size, reached)),
-            groups=spec.groups,
-            dilation=spec.dilation,
+    reached = [
+        (o - 1) * s + d * (k - 1) + 1
+        for o, s, d, k in zip(
+            flat.shape[2:], spec.stride, spec.dilation, spec.kernel_size
         )
-        result = _unpad_adjoint(spec, grad_padded, input_size)
-    return result.unflatten(0, grad_output.shape[:2]) if vectors else result
+    ]
+    padded_size = [
+        size + left + right for size, (left, right) in zip(input_size, spec.padding)
+    ]
+    in_kernel = spec.padding_mode == "zeros" and all(
+        left == right for left, right in spec.padding
+    )
+    result = _TRANSPOSED_CONVOLUTIONS[spec.ndim](
+        flat,
+        weight,
+        stride=spec.stride,
+        padding=tuple(left for left, _ in spec.padding) if in_kernel else 0,
+        output_padding=tuple(p - r for p, r in zip(padded_size, reached)),
+        groups=spec.groups,
+        dilation=spec.dilation,
+    )
+    return result if in_kernel else _unpad_adjoint(spec, result, input_size)
 
 
 def per_sample_weight_vjp(
