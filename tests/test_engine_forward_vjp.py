@@ -117,6 +117,7 @@ def test_per_sample_weight_vjp(name, route, simplified):
 def test_unfold_route_both_vector_layouts(name, fold_below, monkeypatch):
     """Both ways the unfold route meets several vectors, dense and depthwise."""
     monkeypatch.setattr(patches, "FOLD_BELOW_POSITIONS", fold_below)
+    monkeypatch.setattr(patches, "FOLD_FROM_PATCH_SIZE", 0 if fold_below else 10**9)
     layer = cached_layer(name)
     grad_output, expected, _ = cached_per_sample_grads(name, vectors=True)
     gw = engine.per_sample_weight_vjp(

@@ -20,11 +20,13 @@ from .simplify import simplify
 from .spec import ConvSpec
 
 #: Largest number of elements a materialized block of per-sample VJPs may have
-#: before the batch is processed in chunks (2**20 floats = 4 MiB in float32).
+#: before the batch is processed in chunks (2**19 floats = 2 MiB in float32).
 #: Small blocks stay in cache and need fewer fresh pages: the diagonal GGN of a
 #: 3x3 Conv2d (N=32, 32->64, 32x32, 10 vectors) took 204 ms with 2**20,
-#: 232 ms with 2**25, and its peak extra memory fell from 214 to 98 MB.
-MAX_BLOCK_ELEMENTS = 2**20
+#: 232 ms with 2**25, and its peak extra memory fell from 214 to 98 MB. With
+#: 10 vectors, 2**19 vs 2**20 (ms): ResNet-18 3x3 355 / 373, ConvNeXt stem
+#: 23 / 37, 3c3d's 6x6 layer 62 / 67, Inception 1x7 292 / 296, C3D 499 / 504.
+MAX_BLOCK_ELEMENTS = 2**19
 
 #: Largest copy of patches per block (2**22 floats = 16 MiB in float32) where
 #: routes that copy them are expected: glibc serves repeated allocations up to
