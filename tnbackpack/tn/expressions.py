@@ -274,18 +274,6 @@ def check_bias_vjp_arguments(
     checks.check_channels(spec, "grad_output", grad_output, 1 + vectors)
 
 
-def bias_vjp(
-    spec: ConvSpec, grad_output: Tensor, vectors: bool = False, per_sample: bool = False
-) -> TensorNetwork:
-    """Bias VJP: ``gy`` summed over output positions (and the batch)."""
-    check_bias_vjp_arguments(spec, grad_output, vectors)
-    keep = (("v",) if vectors else ()) + (("n",) if per_sample else ())
-    tn = TensorNetwork([], [], (*keep, "g", "co"))
-    _add_output_like(tn, spec, grad_output, vectors)
-    lead = tuple(grad_output.shape[: len(keep)])
-    return tn.then(lambda gb: gb.reshape(*lead, spec.out_channels))
-
-
 def squared_weight_vjp(
     spec: ConvSpec,
     x: Tensor,

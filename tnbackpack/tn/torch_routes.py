@@ -12,7 +12,7 @@ spatial dimensions. Only public PyTorch functions are used.
 from __future__ import annotations
 
 from math import prod
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -78,15 +78,27 @@ def weight_vjp(spec: ConvSpec, x: Tensor, grad_output: Tensor) -> Tensor:
     )
 
 
-def _input_and_padding(spec: ConvSpec, x: Tensor) -> Tuple[Tensor, Tuple[int, ...]]:
-    """The input and the padding to pass to PyTorch's kernel.
+def _kernel_padding(spec: ConvSpec) -> Optional[Tuple[int, ...]]:
+    """The padding PyTorch's kernels can apply themselves, ``None`` if they cannot.
 
-    Symmetric zero padding is left to the kernel, which saves a padded copy
-    of the input (fresh pages on every call); other padding is applied here.
+    Its kernels pad with zeros, the same amount on both sides; other padding
+    is applied (or, for gradients, folded back) around the kernel call.
     """
     symmetric = all(left == right for left, right in spec.padding)
     if spec.padding_mode == "zeros" and symmetric:
-        return x, tuple(left for left, _ in spec.padding)
+        return tuple(left for left, _ in spec.padding)
+    return None
+
+
+def _input_and_padding(spec: ConvSpec, x: Tensor) -> Tuple[Tensor, Tuple[int, ...]]:
+    """The input and the padding to pass to PyTorch's kernel.
+
+    Padding the kernel can apply is left to it, which saves a padded copy of
+    the input (fresh pages on every call); other padding is applied here.
+    """
+    padding = _kernel_padding(spec)
+    if padding is not None:
+        return x, padding
     return padded_input(spec, x), (0,) * spec.ndim
 
 
@@ -197,19 +209,17 @@ def _input_vjp_rows(
     padded_size = [
         size + left + right for size, (left, right) in zip(input_size, spec.padding)
     ]
-    in_kernel = spec.padding_mode == "zeros" and all(
-        left == right for left, right in spec.padding
-    )
+    padding = _kernel_padding(spec)
     result = _TRANSPOSED_CONVOLUTIONS[spec.ndim](
         flat,
         weight,
         stride=spec.stride,
-        padding=tuple(left for left, _ in spec.padding) if in_kernel else 0,
+        padding=0 if padding is None else padding,
         output_padding=tuple(p - r for p, r in zip(padded_size, reached)),
         groups=spec.groups,
         dilation=spec.dilation,
     )
-    return result if in_kernel else _unpad_adjoint(spec, result, input_size)
+    return result if padding is not None else _unpad_adjoint(spec, result, input_size)
 
 
 def per_sample_weight_vjp(
