@@ -26,6 +26,11 @@ Factors are either 2-d (one block, BackPACK's layout) or stacked ``[G, d, d]``
 (tnbackpack's layout for grouped convolutions). Parameters of other layers
 (e.g. normalization layers) keep their gradients.
 
+Under ``torch.distributed`` (e.g. launched by ``torchrun``, with the model
+wrapped in ``DistributedDataParallel``) the same code averages the factors
+across processes and spreads the eigendecompositions over them: see
+:mod:`tnbackpack.distributed` and the "Distributed training" docs page.
+
 Typical use, as in ``examples/demo.py``:
 
     from backpack import backpack, extend
@@ -52,7 +57,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["KFACPreconditioner", "SUPPORTED_LAYERS"]
+from .distributed.kfac import FactorSync
+
+__all__ = ["KFACPreconditioner", "SUPPORTED_LAYERS", "eigendecompose"]
 
 #: Layer types whose parameters are preconditioned.
 SUPPORTED_LAYERS: Tuple[type, ...] = (
@@ -116,6 +123,30 @@ def from_blocks(
     return grouped.reshape(like.shape)
 
 
+def factor_shapes(block: _Block) -> List[Tuple[int, int, int]]:
+    """The ``[G, d, d]`` shapes tnbackpack's extensions give ``block``'s factors.
+
+    One stacked pair per group for a grouped convolution's weight; one
+    ``[C_out, C_out]`` block for every bias.
+    """
+    groups = getattr(block.module, "groups", 1) if block.is_weight else 1
+    matrix = to_blocks(block.param, block.module, block.is_weight, groups)
+    sizes = [matrix.shape[1]] + ([matrix.shape[2]] if block.is_weight else [])
+    return [(groups, size, size) for size in sizes]
+
+
+def eigendecompose(factors: List[Tensor]) -> List[Tuple[Tensor, Tensor]]:
+    """Eigenvalues (clamped at 0) and eigenvectors of each ``[G, d, d]`` factor.
+
+    Computed in float64 for robustness, returned in the factors' dtype.
+    """
+    result = []
+    for factor in factors:
+        values, vectors = torch.linalg.eigh(factor.double())
+        result.append((values.clamp(min=0).to(factor.dtype), vectors.to(factor.dtype)))
+    return result
+
+
 class KFACPreconditioner:
     """Precondition gradients by damped inverses of running-average K-FAC factors.
 
@@ -146,9 +177,27 @@ class KFACPreconditioner:
         lr: The optimizer's learning rate, used only by ``kl_clip`` (update
             the attribute ``lr`` if a schedule changes it).
         savefield: Where the factors are stored (``kfac``, ``kflr``, ``kfra``).
+        process_group: Under ``torch.distributed``, the processes whose
+            factors are averaged (default: all, once the default group is
+            initialized; outside ``torch.distributed`` nothing is
+            communicated). ``model`` may then be the
+            ``DistributedDataParallel`` wrapper or its inner module; the
+            gradients must already be averaged (DDP does it). Every process
+            of the group must construct the preconditioner (it creates its
+            own communicators) and call :meth:`step` equally often.
+        distribute_inverses: Under ``torch.distributed``, eigendecompose each
+            parameter's factors on one process (assigned by cost, see
+            :func:`tnbackpack.distributed.assign_by_cost`) and broadcast
+            the results; ``False``: every process eigendecomposes everything
+            (no messages, more compute).
+        bucket_cap_mb: Under ``torch.distributed``, the largest all-reduce
+            message of factors, in MiB.
+        timeout: Under ``torch.distributed``, seconds a collective may wait
+            for the other processes before it raises.
 
     Raises:
-        ValueError: If a hyper-parameter is out of range.
+        ValueError: If a hyper-parameter is out of range, or (under
+            ``torch.distributed``) if the processes' models differ.
     """
 
     def __init__(
@@ -160,6 +209,10 @@ class KFACPreconditioner:
         kl_clip: Optional[float] = None,
         lr: float = 1.0,
         savefield: str = "kfac",
+        process_group: Optional[object] = None,
+        distribute_inverses: bool = True,
+        bucket_cap_mb: float = 25.0,
+        timeout: float = 300.0,
     ) -> None:
         if damping <= 0:
             raise ValueError(f"damping must be positive, got {damping}")
@@ -177,6 +230,8 @@ class KFACPreconditioner:
         self.savefield = savefield
         self.steps = 0
         self.blocks: List[_Block] = []
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module  # parameter names without DDP's "module."
         for module_name, module in model.named_modules():
             if not isinstance(module, SUPPORTED_LAYERS):
                 continue
@@ -188,14 +243,29 @@ class KFACPreconditioner:
                 self.blocks.append(
                     _Block(name, param, module, is_weight=param_name == "weight")
                 )
+        self.sync = FactorSync.create(
+            self,
+            [factor_shapes(block) for block in self.blocks],
+            process_group,
+            distribute_inverses=distribute_inverses,
+            bucket_cap_mb=bucket_cap_mb,
+            timeout=timeout,
+        )
 
     # ----------------------------------------------------------------- factors
-    def _read_factors(self, block: _Block) -> Optional[List[Tensor]]:
-        """The factors stored on the parameter, as ``[G, d, d]``, then removed."""
+    def _read_factors(
+        self, block: _Block, remove: bool = True
+    ) -> Optional[List[Tensor]]:
+        """The factors stored on the parameter, as ``[G, d, d]`` (then removed).
+
+        Raises:
+            ValueError: If their number or shapes do not fit the parameter.
+        """
         stored = getattr(block.param, self.savefield, None)
         if stored is None:
             return None
-        delattr(block.param, self.savefield)
+        if remove:
+            delattr(block.param, self.savefield)
         expected = 2 if block.is_weight else 1
         if len(stored) != expected:
             raise ValueError(
@@ -219,8 +289,11 @@ class KFACPreconditioner:
 
     def update_factors(self) -> None:
         """Fold the factors of the last backward pass into the running averages."""
-        for block in self.blocks:
-            new = self._read_factors(block)
+        if self.sync is not None:
+            news = self.sync.average_factors()
+        else:
+            news = [self._read_factors(block) for block in self.blocks]
+        for block, new in zip(self.blocks, news):
             if new is None:
                 continue
             if block.factors is None or block.factors[0].shape != new[0].shape:
@@ -236,15 +309,16 @@ class KFACPreconditioner:
             only_missing: Only for parameters that have factors but no
                 eigendecomposition yet (their first factors arrived late).
         """
-        for block in self.blocks:
-            if block.factors is None or (only_missing and block.eigen):
-                continue
-            block.eigen = []
-            for factor in block.factors:
-                values, vectors = torch.linalg.eigh(factor.double())
-                block.eigen.append(
-                    (values.clamp(min=0).to(factor.dtype), vectors.to(factor.dtype))
-                )
+        due = [
+            block
+            for block in self.blocks
+            if block.factors is not None and not (only_missing and block.eigen)
+        ]
+        if self.sync is not None and self.sync.distribute_inverses:
+            self.sync.eigendecompose(due)
+            return
+        for block in due:
+            block.eigen = eigendecompose(block.factors)
 
     # ---------------------------------------------------------- preconditioning
     def precondition(self) -> None:
@@ -296,6 +370,11 @@ class KFACPreconditioner:
         self.refresh_inverses(only_missing=self.steps % self.update_every != 0)
         self.precondition()
         self.steps += 1
+
+    def remove_hooks(self) -> None:
+        """Stop overlapping factor communication with backward (distributed only)."""
+        if self.sync is not None:
+            self.sync.remove_hooks()
 
     def state(self) -> Dict[str, List[Tensor]]:
         """The running factors by parameter name (for inspection)."""
