@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
 import traceback
 import warnings
 from typing import Any, Callable, Dict, List, Tuple
@@ -161,9 +162,70 @@ class _nothing:
         return None
 
 
+def _kflr_backward(model: nn.Module, rank: int, world_size: int) -> None:
+    X, y = (shard(t, rank, world_size) for t in batch(0))
+    model.zero_grad()
+    with backpack(KFLR(kfac_approx="reduce")):
+        extend(nn.CrossEntropyLoss())(model(X), y).backward()
+
+
+def _outcome(action: Callable[[], Any]) -> Dict[str, Any]:
+    """What ``action`` raised (type and message) and how long it took."""
+    start = time.perf_counter()
+    try:
+        action()
+        error = None
+    except Exception as caught:
+        error = (type(caught).__name__, str(caught))
+    return {"error": error, "seconds": time.perf_counter() - start}
+
+
+def failures(rank: int, world_size: int) -> Result:
+    """Rank 1 misbehaves in several ways; every rank records what it saw.
+
+    Rank 1 removes its hooks (its factors are read in ``step``) while rank 0
+    sends its buckets from backward, so the cases also check that mixed
+    launch orders meet.
+    """
+    result: Result = {}
+    model = extend(cnn())
+    pre = KFACPreconditioner(model, savefield="kflr", bucket_cap_mb=0.01, timeout=20)
+    result["buckets"] = len(pre.sync.buckets)
+    if rank == 1:
+        pre.remove_hooks()
+    layer = model[2]  # the grouped convolution
+
+    _kflr_backward(model, rank, world_size)
+    if rank == 1:
+        del layer.weight.kflr
+    result["missing"] = _outcome(pre.step)
+
+    _kflr_backward(model, rank, world_size)
+    if rank == 1:
+        B, A = layer.weight.kflr
+        layer.weight.kflr = [B, A[:, :-1, :-1]]
+    result["misfit"] = _outcome(pre.step)
+
+    # after the errors the communicators still work
+    _kflr_backward(model, rank, world_size)
+    result["recovered"] = _outcome(pre.step)
+    result["factors"] = pre.state()
+
+    other = cnn() if rank == 0 else nn.Sequential(nn.Linear(4, 5)).double()
+    result["layout"] = _outcome(lambda: KFACPreconditioner(other, timeout=20))
+
+    impatient = KFACPreconditioner(model, savefield="kflr", timeout=2)
+    _kflr_backward(model, rank, world_size)
+    if rank == 0:  # rank 1 never calls step()
+        result["timeout"] = _outcome(impatient.step)
+    dist.barrier()
+    return result
+
+
 SCENARIOS: Dict[str, Callable[..., Result]] = {
     "kfac": kfac_training,
     "private": private_training,
+    "failures": failures,
 }
 
 
@@ -175,8 +237,12 @@ def run(rank: int, world_size: int, plan: List[Tuple[str, Dict[str, Any]]]) -> l
         try:
             results.append(SCENARIOS[name](rank, world_size, **config))
         except Exception as error:  # reported to the parent
-            results.append({"error": f"{type(error).__name__}: {error}",
-                            "traceback": traceback.format_exc()})
+            results.append(
+                {
+                    "error": f"{type(error).__name__}: {error}",
+                    "traceback": traceback.format_exc(),
+                }
+            )
     return results
 
 

@@ -465,8 +465,8 @@ class FactorSync:
                 group=self.data_group,
                 async_op=True,
             )
-            pending.append((owner, blocks, sizes, buffer, work))
-        for owner, blocks, sizes, buffer, work in pending:
+            pending.append((blocks, sizes, buffer, work))
+        for blocks, sizes, buffer, work in pending:
             self._collective("waiting for eigendecompositions", work.wait)
             # The owner too takes the received layout (eigh's eigenvectors are
             # column-major): the same strides give bitwise the same products,
