@@ -115,6 +115,9 @@ def kfac_training(
             with backpack(EXTENSIONS[extension](kfac_approx=approx)):
                 loss.backward()
         result.setdefault("grads", [p.grad.clone() for p in model.parameters()])
+        if preconditioner.sync is not None:  # buckets sent from backward hooks
+            result.setdefault("launched_in_backward", preconditioner.sync._launched)
+            result.setdefault("buckets", len(preconditioner.sync.buckets))
         preconditioner.step()
         if step == 0:
             result["factors"] = {

@@ -112,6 +112,15 @@ def test_kflr_two_processes_equal_one(two, reference, index):
     identical_across_ranks(two, index, "params")
 
 
+def test_factors_sent_during_backward(two):
+    """All buckets of the first step leave from backward hooks, not from step()."""
+    no_errors(two)
+    for rank_results in two:
+        result = rank_results[0]
+        assert result["buckets"] > 1
+        assert result["launched_in_backward"] == result["buckets"]
+
+
 def test_backpack_update_is_dense_solve(two, reference):
     """One step, no running average: ``(B ⊗ A + λ I)⁻¹ g`` with full-batch terms."""
     no_errors(two)
