@@ -38,19 +38,23 @@ def private_group(group: Any, timeout: float) -> Any:
     """A new group over ``group``'s ranks, with its own ``timeout`` (seconds).
 
     Its messages never interleave with those of other users of ``group``
-    (e.g. DDP's gradient all-reduces). Only the member processes call this
-    (``use_local_synchronization``).
+    (e.g. DDP's gradient all-reduces). Over all processes it is an ordinary
+    ``new_group``, which every process creates in the same order. Over a
+    subgroup only its members call this (``use_local_synchronization``);
+    torch then names the group after the ranks and the number of groups the
+    process knows, so the members must have created the same groups before.
 
     Raises:
         ValueError: If ``timeout`` is not positive.
     """
     if timeout <= 0:
         raise ValueError(f"timeout must be positive, got {timeout}")
+    ranks = dist.get_process_group_ranks(group)
     return dist.new_group(
-        ranks=dist.get_process_group_ranks(group),
+        ranks=ranks,
         timeout=timedelta(seconds=timeout),
         backend=dist.get_backend(group),
-        use_local_synchronization=True,
+        use_local_synchronization=len(ranks) < dist.get_world_size(),
     )
 
 
