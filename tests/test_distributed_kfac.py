@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from tnbackpack import backpack, extend
-from tnbackpack.extensions import KFLR
+from tnbackpack.extensions import KFLR, KFRA
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Full backward hook"),
@@ -227,3 +227,43 @@ def test_three_processes_equal_one(reference):
         for step, grads in enumerate(rank_results[1]["grads"]):
             close(grads, reference[4]["grads"][step], rtol=1e-10)
     identical_across_ranks(three, 0, "params")
+
+
+@pytest.mark.parametrize(
+    "make, field, exact_b",
+    [
+        (lambda: KFLR(kfac_approx="backpack"), "kflr", True),
+        (lambda: KFLR(kfac_approx="expand"), "kflr", True),
+        (lambda: KFRA(kfac_approx="reduce"), "kfra", False),
+    ],
+    ids=["kflr-backpack", "kflr-expand", "kfra"],
+)
+def test_which_factors_average_exactly(make, field, exact_b):
+    """In one process: the mean of two half-batch factors vs the whole batch.
+
+    What the distributed preconditioner relies on. KFRA backpropagates a
+    batch-averaged matrix whose averages nest (cross-sample terms), so its
+    ``B`` is exact only at the last layer; ``A`` always is.
+    """
+
+    def factors(X, y):
+        model = extend(cnn())
+        with backpack(make()):
+            extend(nn.CrossEntropyLoss())(model(X), y).backward()
+        return {n: getattr(p, field) for n, p in model.named_parameters()}
+
+    X, y = batch(0)
+    full = factors(X, y)
+    halves = [factors(X[:6], y[:6]), factors(X[6:], y[6:])]
+    inexact = []
+    for name, expected in full.items():
+        averaged = [(a + b) / 2 for a, b in zip(*(h[name] for h in halves))]
+        if name.endswith("weight"):
+            close(averaged[1:], expected[1:])  # A
+        error = (averaged[0] - expected[0]).norm() / expected[0].norm()
+        if error > 1e-12:
+            inexact.append(name)
+    if exact_b:
+        assert not inexact
+    else:
+        assert "0.weight" in inexact and "7.weight" not in inexact

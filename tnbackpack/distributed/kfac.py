@@ -179,7 +179,7 @@ class FactorSync:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
         group = resolve_group(process_group)
-        if group is None:
+        if group is None or not shapes:
             return None
         return cls(
             preconditioner,
@@ -331,7 +331,8 @@ class FactorSync:
             if self._source[index] is not None:
                 delattr(self.blocks[index].param, self.pre.savefield)
         stale = [int(b in self._stale) for b in range(len(self.buckets))]
-        meta = torch.tensor(self._status + stale, dtype=torch.int64)
+        device = self.blocks[0].param.device  # NCCL needs it on the GPU
+        meta = torch.tensor(self._status + stale, dtype=torch.int64, device=device)
         gathered = [torch.empty_like(meta) for _ in range(self.world_size)]
         self._collective(
             "exchanging which factors each process has",
@@ -340,7 +341,7 @@ class FactorSync:
             meta,
             group=self.meta_group,
         )
-        table = torch.stack(gathered)
+        table = torch.stack(gathered).cpu()
         status = table[:, : len(self.blocks)]
         stale_anywhere = table[:, len(self.blocks) :].any(0)
         needed = [

@@ -114,7 +114,9 @@ class PrivateGradient:
 
     def _all_reduce(self, sums: Tensor, count: int) -> int:
         """Sum ``sums`` in place over processes; return the global sample count."""
-        meta = torch.tensor([count, generator_checksum(self.generator)])
+        meta = torch.tensor(
+            [count, generator_checksum(self.generator)], device=sums.device
+        )
         table = [torch.empty_like(meta) for _ in range(dist.get_world_size(self.group))]
         run_collective(
             "PrivateGradient",
