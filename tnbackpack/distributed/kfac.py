@@ -36,6 +36,7 @@ refuse to start if the models differ.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -79,7 +80,9 @@ def assign_by_cost(costs: Sequence[float], world_size: int) -> List[int]:
     return owners
 
 
+@cache
 def _triu(size: int) -> Tuple[Tensor, Tensor]:
+    """Row and column indices of a ``size × size`` upper triangle (cached)."""
     rows, cols = torch.triu_indices(size, size)
     return rows, cols
 
