@@ -80,6 +80,7 @@ def kfac_training(
     pass_wrapper: bool = True,
     skip_extension: Tuple[int, ...] = (),
     seed_per_rank: bool = False,
+    extra_pass: bool = False,
     **options: Any,
 ) -> Result:
     """SGD preconditioned by K-FAC; parameters after every step, first factors.
@@ -91,6 +92,8 @@ def kfac_training(
             extended inner module).
         skip_extension: Steps whose backward pass runs without extension.
         seed_per_rank: Seed torch's generator (MC samples) by rank.
+        extra_pass: Before each step's backward pass, one more on other
+            data (its factors are replaced, as in one process).
         options: Keyword arguments of the preconditioner.
     """
     model = extend(cnn())
@@ -106,6 +109,10 @@ def kfac_training(
     for step in range(steps):
         if seed_per_rank:
             torch.manual_seed(1000 * step + rank)
+        if extra_pass:
+            X, y = (shard(t, rank, world_size) for t in batch(50 + step))
+            with backpack(EXTENSIONS[extension](kfac_approx=approx)):
+                loss_function(wrapped(X), y).backward()
         X, y = (shard(t, rank, world_size) for t in batch(step))
         optimizer.zero_grad()
         loss = loss_function(wrapped(X), y)

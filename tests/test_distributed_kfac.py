@@ -53,6 +53,8 @@ PLAN = [
     ("kfac", dict(extension="kfac", steps=1, seed_per_rank=True)),
     ("private", dict(dtype="float64")),
     ("private", dict(dtype="float32")),
+    # two backward passes per step: the second one's factors count
+    ("kfac", dict(TRAINING, steps=2, extra_pass=True, bucket_cap_mb=0.05)),
 ]
 
 
@@ -110,6 +112,15 @@ def test_kflr_two_processes_equal_one(two, reference, index):
         for step, params in enumerate(result["params"]):
             close(params, expected["params"][step])
     identical_across_ranks(two, index, "params")
+
+
+def test_second_backward_pass_replaces_factors(two, reference):
+    """Buckets sent during the first pass are sent again with the new factors."""
+    no_errors(two)
+    for rank_results in two:
+        for step, params in enumerate(rank_results[6]["params"]):
+            close(params, reference[6]["params"][step])
+    identical_across_ranks(two, 6, "params")
 
 
 def test_factors_sent_during_backward(two):
