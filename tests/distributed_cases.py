@@ -227,6 +227,21 @@ def failures(rank: int, world_size: int) -> Result:
     other = cnn() if rank == 0 else nn.Sequential(nn.Linear(4, 5)).double()
     result["layout"] = _outcome(lambda: KFACPreconditioner(other, timeout=20))
 
+    # Preconditioner before `extend`: its hooks run before BackPACK's, so
+    # the factors are all sent from step(); same result.
+    early_model = cnn()
+    early = KFACPreconditioner(early_model, savefield="kflr", ema=0.0)
+    extend(early_model)
+    _kflr_backward(early_model, rank, world_size)
+    result["early_launched"] = early.sync._launched
+    early.step()
+    late_model = extend(cnn())
+    late = KFACPreconditioner(late_model, savefield="kflr", ema=0.0)
+    _kflr_backward(late_model, rank, world_size)
+    result["late_launched"] = late.sync._launched
+    late.step()
+    result["early"], result["late"] = early.state(), late.state()
+
     impatient = KFACPreconditioner(model, savefield="kflr", timeout=2)
     _kflr_backward(model, rank, world_size)
     if rank == 0:  # rank 1 never calls step()

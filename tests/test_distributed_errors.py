@@ -48,6 +48,15 @@ def test_communicators_recover_after_errors(failures):
             assert torch.equal(a, b)
 
 
+def test_preconditioner_before_extend(failures):
+    """Hooks then run before BackPACK's: nothing leaves in backward, same factors."""
+    for result in failures:
+        assert result["early_launched"] == 0 and result["late_launched"] > 0
+        for name, factors in result["late"].items():
+            for a, b in zip(result["early"][name], factors):
+                assert torch.equal(a, b)
+
+
 def test_different_models_refused(failures):
     for result in failures:
         kind, message = result["layout"]["error"]
