@@ -1,4 +1,4 @@
-"""``loss.backward(create_graph=True)``: every extension's quantities are differentiable.
+"""``loss.backward(create_graph=True)``: every extension's results are differentiable.
 
 For each of the 15 extensions, a scalar function ``f = Σ_p <R_p, Q_p>`` of the
 conv parameters' quantities ``Q_p`` (fixed random weights ``R_p``) is
@@ -209,9 +209,7 @@ class Reference:
     def layer_input(self, theta: Tensor, index: int) -> Tensor:
         head = self.model[:index]
         names = {
-            n: p
-            for n, p in self.params(theta).items()
-            if int(n.split(".")[0]) < index
+            n: p for n, p in self.params(theta).items() if int(n.split(".")[0]) < index
         }
         return functional_call(head, names, (self.x,))
 
@@ -236,12 +234,8 @@ def kronecker_reference(
     bias = bias_ggn(columns)
     groups = layer.groups
     per_group = bias.shape[0] // groups
-    blocks = torch.stack(
-        [
-            bias[g * per_group : (g + 1) * per_group, g * per_group : (g + 1) * per_group]
-            for g in range(groups)
-        ]
-    )
+    diagonal = [slice(g * per_group, (g + 1) * per_group) for g in range(groups)]
+    blocks = torch.stack([bias[rows, rows] for rows in diagonal])
     xt = patches(layer, ref.layer_input(theta, index))
     a = torch.einsum("ngit,ngjt->gij", xt, xt) / xt.shape[0]
     unstack = (lambda f: f[0]) if groups == 1 else (lambda f: f)  # noqa: E731
@@ -310,9 +304,7 @@ def check_create_graph(net_name: str, extension: str) -> None:
     model, loss_fn, x, y = setup(net_name, extension)
     # torch.func on a plain copy: BackPACK's hooks are no business of the reference
     ref = Reference(copy.deepcopy(model), copy.deepcopy(loss_fn), x, y)
-    conv_names = [
-        n for n in ref.names if int(n.split(".")[0]) in conv_layers(model)
-    ]
+    conv_names = [n for n in ref.names if int(n.split(".")[0]) in conv_layers(model)]
     recorded: List[Tensor] = []
     original = MSELossDerivatives._sqrt_hessian_sampled
 
@@ -394,3 +386,87 @@ def test_without_create_graph_nothing_is_recorded(extension):
         value = getattr(p, ext.savefield)
         for v in value if isinstance(value, list) else [value]:
             assert not v.requires_grad
+
+
+# ------------------------------------------- every engine route, by gradcheck
+ROUTE_LAYERS = {
+    "conv": nn.Conv2d(4, 4, 3, padding=1, groups=2, padding_mode="circular"),
+    "transposed": nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1),
+}
+
+
+def _engine_operands(kind: str, vectors: bool):
+    from tnbackpack.tn import ConvSpec
+
+    layer = ROUTE_LAYERS[kind].to(DTYPE)
+    spec = ConvSpec.from_module(layer)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, layer.in_channels, 3, 3, generator=gen, dtype=DTYPE)
+    out = layer(x)
+    lead = (2,) if vectors else ()
+    g = torch.randn(*lead, *out.shape, generator=gen, dtype=DTYPE)
+    return spec, layer, x.requires_grad_(), g.requires_grad_()
+
+
+@pytest.mark.parametrize("kind", list(ROUTE_LAYERS))
+@pytest.mark.parametrize("vectors", [False, True])
+@pytest.mark.parametrize("route", ["tn", "shifted", "unfold", "grouped"])
+def test_per_sample_routes_are_differentiable(kind, vectors, route):
+    """Autograd's derivatives of each route against finite differences."""
+    from tnbackpack.tn import functional
+
+    if kind == "transposed" and route == "unfold":
+        pytest.skip("unfold is for convolutions only")
+    spec, _, x, g = _engine_operands(kind, vectors)
+
+    def quantity(x: Tensor, g: Tensor) -> Tensor:
+        return functional.per_sample_weight_vjp(spec, x, g, vectors, route=route)
+
+    assert torch.autograd.gradcheck(quantity, (x, g))
+
+
+@pytest.mark.parametrize("kind", list(ROUTE_LAYERS))
+@pytest.mark.parametrize("route", ["materialize", "contract"])
+def test_squares_routes_are_differentiable(kind, route):
+    from tnbackpack.tn import functional
+
+    spec, _, x, g = _engine_operands(kind, vectors=True)
+
+    def quantity(x: Tensor, g: Tensor) -> Tensor:
+        return functional.weight_vjp_squares(spec, x, g, vectors=True, route=route)
+
+    assert torch.autograd.gradcheck(quantity, (x, g))
+
+
+@pytest.mark.parametrize("kind", list(ROUTE_LAYERS))
+@pytest.mark.parametrize("route", ["torch", "tn"])
+def test_input_vjp_routes_are_differentiable(kind, route):
+    from tnbackpack.tn import functional
+
+    spec, layer, x, g = _engine_operands(kind, vectors=True)
+    weight = layer.weight.detach().clone().requires_grad_()
+
+    def quantity(g: Tensor, w: Tensor) -> Tensor:
+        return functional.input_vjp(spec, g, w, x.shape[2:], vectors=True, route=route)
+
+    assert torch.autograd.gradcheck(quantity, (g, weight))
+
+
+@pytest.mark.parametrize("kind", list(ROUTE_LAYERS))
+def test_kfac_factors_are_differentiable(kind):
+    from tnbackpack.tn import functional
+
+    spec, _, x, g = _engine_operands(kind, vectors=True)
+    routes = ["tn"] if kind == "transposed" else ["tn", "strided"]
+    for route in routes:
+        assert torch.autograd.gradcheck(
+            lambda x, r=route: functional.kfac_input_factor(spec, x, "expand", route=r),
+            (x,),
+        )
+    assert torch.autograd.gradcheck(
+        lambda x: functional.kfac_input_factor(spec, x, "reduce"), (x,)
+    )
+    for approx in ("expand", "reduce"):
+        assert torch.autograd.gradcheck(
+            lambda g, a=approx: functional.kfac_output_factor(spec, g, a), (g,)
+        )
