@@ -28,6 +28,7 @@ from tnbackpack import extensions as tn
 from tnbackpack import switch
 
 DTYPE = torch.float64
+KRONECKER = ("KFAC", "KFLR", "KFRA")
 
 
 @pytest.fixture(autouse=True)
@@ -37,13 +38,13 @@ def switched_off():
     switch.disable()
 
 
-def net(seed: int = 0) -> nn.Sequential:
+def net(groups: int = 2, seed: int = 0) -> nn.Sequential:
     """Convolutions BackPACK gets wrong or refuses: circular, grouped, transposed."""
     torch.manual_seed(seed)
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1, padding_mode="circular"),
         nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1, groups=2),
+        nn.Conv2d(4, 4, 3, padding=1, groups=groups),
         nn.Sigmoid(),
         nn.ConvTranspose2d(4, 2, 2, stride=2),
         nn.Flatten(),
@@ -56,9 +57,9 @@ def data(seed: int = 1):
     return torch.randn(3, 2, 4, 4, dtype=DTYPE), torch.randint(0, 3, (3,))
 
 
-def run(extension, seed: int = 2):
+def run(extension, seed: int = 2, groups: int = 2):
     """The extension's savefields per parameter name, after one backward pass."""
-    model = extend(net())
+    model = extend(net(groups))
     loss_fn = extend(nn.CrossEntropyLoss())
     x, y = data()
     loss = loss_fn(model(x), y)
@@ -80,12 +81,23 @@ def assert_same(actual, expected):
 @pytest.mark.parametrize("name", tn.__all__)
 def test_instance_made_before_enable_uses_tn_rules(name):
     extension = getattr(bp, name)()  # a client's instance, made before the switch
+    groups = 1 if name in KRONECKER else 2  # BackPACK's promise: 2-d factors
     tnbackpack.enable()
-    actual = run(extension)
+    actual = run(extension, groups=groups)
     assert type(extension) is getattr(bp, name)
     assert extension.savefield == getattr(tn, name)().savefield
     tnbackpack.disable()
-    assert_same(actual, run(getattr(tn, name)()))
+    assert_same(actual, run(getattr(tn, name)(), groups=groups))
+
+
+@pytest.mark.parametrize("name", KRONECKER)
+def test_backpack_kronecker_refuses_grouped_layers_clearly(name):
+    """Stacked per-group factors are no 2-d pair: a clear error, not a shape error."""
+    tnbackpack.enable()
+    with pytest.raises(NotImplementedError, match=r"Conv2d\(4, 4.*groups=2.*stacked"):
+        run(getattr(bp, name)())
+    stacked = run(getattr(tn, name)())["2.weight"]  # tnbackpack's own class
+    assert stacked[0].shape == (2, 2, 2) and stacked[1].shape == (2, 18, 18)
 
 
 def test_instance_made_after_enable_under_another_name():

@@ -27,6 +27,9 @@ Where the switch sits, and why there:
 - A rule that is not BackPACK's stock one (a user's own, set with
   ``set_module_extension`` or in a subclass, or a tnbackpack extension's, with
   its ``kfac_approx``) is kept: the switch replaces only what BackPACK put there.
+- BackPACK's ``KFAC``/``KFLR``/``KFRA`` promise 2-d factors; for grouped
+  layers they get :class:`StockKroneckerConv`, which raises a clear error
+  instead of returning tnbackpack's stacked per-group factors.
 - The extension's kind is found along its class's MRO, so a subclass of
   ``backpack.extensions.BatchGrad`` that leaves conv layers alone gets the TN
   rule too; an unknown extension class keeps its rules (but still gets the
@@ -53,6 +56,7 @@ from torch import nn
 
 from . import extensions as tn_extensions
 from .extensions.derivatives import ConvDerivatives
+from .extensions.kronecker import KroneckerConv
 from .extensions.layer import CONV_TYPES
 
 __all__ = ["enable", "disable", "enabled", "is_enabled"]
@@ -73,6 +77,34 @@ _DERIVATIVE_CLASSES = (ConvNDDerivatives, ConvTransposeNDDerivatives)
 _ORIGINALS: Dict[Tuple[type, str], Callable] = {}
 
 
+class StockKroneckerConv(KroneckerConv):
+    """tnbackpack's Kronecker rule for BackPACK's own ``KFAC``/``KFLR``/``KFRA``.
+
+    BackPACK's classes promise one 2-d factor pair per weight, and clients
+    rely on it (laplace-torch's ``Kron`` multiplies and decomposes them as
+    matrices). With ``groups > 1`` tnbackpack's factors are one pair per group,
+    stacked ``[G, d, d]``: no 2-d pair represents them (``Σ_g B_g ⊗ A_g`` is
+    no Kronecker product), so this rule refuses, naming the layer, instead of
+    handing a client tensors it would misread. tnbackpack's own
+    ``tnbackpack.extensions.KFAC`` etc. return the stacked factors.
+    """
+
+    def weight(self, ext, module, g_inp, g_out, backproped):
+        """``[B, A]`` as BackPACK's 2-d matrices; refuses ``groups > 1``."""
+        if module.groups > 1:
+            raise NotImplementedError(
+                f"{module}: groups={module.groups}. BackPACK's "
+                f"{type(ext).__name__} returns one 2-d Kronecker factor pair per "
+                "weight, which clients written for it (e.g. laplace-torch's Kron) "
+                "consume as matrices; a grouped layer has one pair per group "
+                f"(stacked [{module.groups}, d, d]), which no 2-d pair represents. "
+                "Use tnbackpack.extensions."
+                f"{type(ext).__name__} for the stacked factors, or a "
+                "diagonal Hessian structure."
+            )
+        return super().weight(ext, module, g_inp, g_out, backproped)
+
+
 class _Rules:
     """tnbackpack's conv rule per BackPACK extension class, and BackPACK's stock rules.
 
@@ -86,8 +118,10 @@ class _Rules:
         for name in tn_extensions.__all__:
             tn_class = getattr(tn_extensions, name)
             backpack_class = tn_class.__bases__[0]
-            rules = getattr(tn_class(), _STORED)
-            self.by_extension[backpack_class] = rules[nn.Conv2d]
+            rule = getattr(tn_class(), _STORED)[nn.Conv2d]
+            if isinstance(rule, KroneckerConv):
+                rule = StockKroneckerConv()
+            self.by_extension[backpack_class] = rule
             stock = getattr(backpack_class(), _STORED)
             self.stock_types.update(type(stock[c]) for c in CONV_TYPES if c in stock)
 
