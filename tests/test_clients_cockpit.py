@@ -1,0 +1,166 @@
+"""cockpit on tnbackpack's conv rules through ``tnbackpack.enable()``.
+
+cockpit's quantities construct BackPACK's ``BatchGrad``, ``DiagHessian`` (and
+hooks on their results) inside cockpit. Three SGD steps of a small CNN with
+the "economy" and "business" presets: every tracked value equals stock
+BackPACK's where BackPACK is right (zero padding, groups); with circular
+padding, where stock BackPACK is wrong, ``HessTrace`` and ``NormTest`` equal
+torch.func references (the Hessian diagonal; per-sample gradients in Byrd et
+al.'s norm test, eq. 3.9, as cockpit documents it). Skipped without cockpit
+(the optional ``clients`` extra, which pins ``setuptools<81`` for its
+``pkg_resources`` import).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Dict
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, hessian, vmap
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # cockpit's pkg_resources deprecation warning
+    cockpit = pytest.importorskip("cockpit")
+
+from backpack import extend  # noqa: E402
+from cockpit.utils.configuration import configuration  # noqa: E402
+
+import tnbackpack  # noqa: E402
+
+DTYPE = torch.float64
+BATCH = 6
+STEPS = 3
+
+
+@pytest.fixture(autouse=True)
+def switched_off():
+    tnbackpack.disable()
+    yield
+    tnbackpack.disable()
+
+
+def cnn(padding_mode: str) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, padding_mode=padding_mode),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, groups=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 3),
+    ).to(DTYPE)
+
+
+def batches():
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        x = torch.randn(BATCH, 1, 5, 5, generator=gen, dtype=DTYPE)
+        yield x, torch.randint(0, 3, (BATCH,), generator=gen)
+
+
+def train(preset: str, padding_mode: str, switched: bool):
+    """cockpit's output and, per step, the parameters and batch it saw."""
+    model = extend(cnn(padding_mode))
+    loss_fn = extend(nn.CrossEntropyLoss())
+    individual = nn.CrossEntropyLoss(reduction="none")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tracker = cockpit.Cockpit(model.parameters(), quantities=configuration(preset))
+    seen = []
+    with tnbackpack.enabled() if switched else _nothing():
+        for step, (x, y) in enumerate(batches()):
+            seen.append(
+                ({n: p.detach().clone() for n, p in model.named_parameters()}, x, y)
+            )
+            optimizer.zero_grad()
+            out = model(x)
+            loss = loss_fn(out, y)
+            info = {
+                "batch_size": BATCH,
+                "individual_losses": individual(out, y),
+                "loss": loss,
+                "optimizer": optimizer,
+            }
+            with tracker(step, info=info):
+                loss.backward(create_graph=tracker.create_graph(step))
+            optimizer.step()
+    return tracker.get_output(), seen
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *args):
+        return False
+
+
+def flat(value) -> torch.Tensor:
+    """Any cockpit value (number, list, dict, array) as one float64 vector."""
+    if isinstance(value, dict):
+        return torch.cat([flat(value[k]) for k in sorted(value)] or [torch.zeros(0)])
+    if isinstance(value, (list, tuple)):
+        return torch.cat([flat(v) for v in value] or [torch.zeros(0)])
+    return torch.as_tensor(value, dtype=DTYPE).flatten()
+
+
+def assert_outputs_equal(actual: Dict, expected: Dict) -> None:
+    assert actual.keys() == expected.keys()
+    for step in expected:
+        assert actual[step].keys() == expected[step].keys()
+        for name in expected[step]:
+            torch.testing.assert_close(
+                flat(actual[step][name]),
+                flat(expected[step][name]),
+                rtol=1e-9,
+                atol=1e-12,
+                msg=f"step {step}, {name}",
+            )
+
+
+@pytest.mark.parametrize("preset", ["economy", "business"])
+def test_equal_to_stock_backpack_where_it_is_right(preset):
+    expected, _ = train(preset, "zeros", switched=False)
+    actual, _ = train(preset, "zeros", switched=True)
+    assert_outputs_equal(actual, expected)
+
+
+# ----------------------------------------------------- torch.func references
+def reference_quantities(params: Dict, x, y) -> Dict[str, object]:
+    """``HessTrace`` (per parameter) and ``NormTest`` of the mean loss."""
+    model = copy.deepcopy(cnn("circular"))
+    loss_fn = nn.CrossEntropyLoss()
+
+    def loss(p, inputs, targets):
+        return loss_fn(functional_call(model, p, (inputs,)), targets)
+
+    traces = [
+        torch.diagonal(h.flatten(0, h.ndim // 2 - 1).flatten(1)).sum().item()
+        for h in (hessian(loss)(params, x, y)[name][name] for name in params)
+    ]
+    per_sample = vmap(grad(loss), (None, 0, 0))(params, x[:, None], y[:, None])
+    sample_sq = sum((g.flatten(1) ** 2).sum(1) for g in per_sample.values())
+    batch_sq = sum((g.mean(0) ** 2).sum() for g in per_sample.values())
+    n = x.shape[0]
+    variance_l1 = (sample_sq.sum() - n * batch_sq) / (n - 1)
+    return {"HessTrace": traces, "NormTest": math.sqrt(variance_l1 / n / batch_sq)}
+
+
+def test_equal_to_torch_func_where_backpack_is_wrong():
+    """Circular padding: stock BackPACK's values are off, the switched ones exact."""
+    stock, _ = train("business", "circular", switched=False)
+    actual, seen = train("business", "circular", switched=True)
+    for step, (params, x, y) in enumerate(seen):
+        truth = reference_quantities(params, x, y)
+        for name, value in truth.items():
+            torch.testing.assert_close(
+                flat(actual[step][name]), flat(value), rtol=1e-9, atol=1e-12
+            )
+            off = (flat(stock[step][name]) - flat(value)).abs().max()
+            assert off > 1e-6 * flat(value).abs().max(), name
