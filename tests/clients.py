@@ -6,8 +6,9 @@
   does not exist``). Nothing the tests use needs torchvision, so if importing
   the real one fails, :func:`stub_broken_torchvision` serves an empty stand-in
   package: any attribute is a placeholder that raises when used.
-- vivit 1.0.0 calls ``Tensor.symeig``, removed in torch 2.0;
-  :func:`symeig_shim` provides it on ``torch.linalg.eigh`` while the tests run.
+- vivit 1.0.0 calls ``Tensor.symeig``, removed in torch 2.0 (a stub that
+  raises is left); :func:`symeig_shim` provides it on ``torch.linalg.eigh``
+  while the tests run.
 - cockpit 1.0.2 imports ``pkg_resources``: the ``clients`` extra pins
   ``setuptools<81``, which still ships it (nothing to do here).
 """
@@ -82,12 +83,17 @@ def _symeig(
 
 @contextmanager
 def symeig_shim() -> Iterator[None]:
-    """``Tensor.symeig`` while inside (torch >= 2 removed it); no-op if it exists."""
-    existing: Optional[object] = getattr(Tensor, "symeig", None)
-    if existing is None:
-        Tensor.symeig = _symeig
+    """``Tensor.symeig`` while inside.
+
+    torch 2 keeps a ``Tensor.symeig`` that only raises "removed"; inside, it is
+    torch 1.x's function on ``torch.linalg.eigh``, and restored afterwards.
+    """
+    existing: Optional[object] = Tensor.__dict__.get("symeig")
+    Tensor.symeig = _symeig
     try:
         yield
     finally:
         if existing is None:
             del Tensor.symeig
+        else:
+            Tensor.symeig = existing
