@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from clients import stub_broken_torchvision
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
+
+from tnbackpack.benchmark.client_shims import stub_broken_torchvision
 
 stub_broken_torchvision()
 laplace = pytest.importorskip("laplace")

@@ -8,7 +8,8 @@ and directional derivatives along the top eigenvectors equal stock BackPACK's
 where it is right and the torch.func truth with circular padding (stock
 BackPACK's top eigenvalues are off there). vivit 1.0.0 calls
 ``Tensor.symeig`` (removed in torch 2): the tests run it inside
-:func:`clients.symeig_shim`. Skipped without vivit (optional ``clients`` extra).
+:func:`tnbackpack.benchmark.client_shims.symeig_shim`. Skipped without vivit
+(the optional ``clients`` extra).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import copy
 
 import pytest
 import torch
-from clients import symeig_shim
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
+
+from tnbackpack.benchmark.client_shims import symeig_shim
 
 vivit = pytest.importorskip("vivit")
 

@@ -1,4 +1,4 @@
-"""Shims that let the BackPACK clients import beside CPU torch 2.13 (tests only).
+"""Shims that let the BackPACK clients run beside CPU torch 2.13 (tests, benchmark).
 
 - laplace-torch imports torchmetrics, which imports torchvision whenever its
   distribution is installed (BackPACK depends on it). The torchvision wheel on
