@@ -18,8 +18,10 @@ import math
 import warnings
 from typing import Dict
 
+import clients_common as common
 import pytest
 import torch
+from clients_common import switched_off  # noqa: F401
 from torch import nn
 from torch.func import functional_call, grad, hessian, vmap
 
@@ -30,75 +32,37 @@ with warnings.catch_warnings():
 from backpack import extend  # noqa: E402
 from cockpit.utils.configuration import configuration  # noqa: E402
 
-import tnbackpack  # noqa: E402
+from tnbackpack.benchmark.clients import cockpit_step  # noqa: E402
 
-DTYPE = torch.float64
+DTYPE = common.DTYPE
 BATCH = 6
 STEPS = 3
 
 
-@pytest.fixture(autouse=True)
-def switched_off():
-    tnbackpack.disable()
-    yield
-    tnbackpack.disable()
-
-
 def cnn(padding_mode: str) -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1, padding_mode=padding_mode),
-        nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1, groups=2),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 5 * 5, 3),
-    ).to(DTYPE)
+    return common.cnn(padding_mode, groups=2, size=5)
 
 
 def batches():
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(STEPS):
-        x = torch.randn(BATCH, 1, 5, 5, generator=gen, dtype=DTYPE)
-        yield x, torch.randint(0, 3, (BATCH,), generator=gen)
+    for step in range(STEPS):
+        yield common.data(BATCH, 5, seed=step)
 
 
 def train(preset: str, padding_mode: str, switched: bool):
     """cockpit's output and, per step, the parameters and batch it saw."""
     model = extend(cnn(padding_mode))
-    loss_fn = extend(nn.CrossEntropyLoss())
-    individual = nn.CrossEntropyLoss(reduction="none")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tracker = cockpit.Cockpit(model.parameters(), quantities=configuration(preset))
     seen = []
-    with tnbackpack.enabled() if switched else _nothing():
+    with common.switch(switched):
         for step, (x, y) in enumerate(batches()):
             seen.append(
                 ({n: p.detach().clone() for n, p in model.named_parameters()}, x, y)
             )
-            optimizer.zero_grad()
-            out = model(x)
-            loss = loss_fn(out, y)
-            info = {
-                "batch_size": BATCH,
-                "individual_losses": individual(out, y),
-                "loss": loss,
-                "optimizer": optimizer,
-            }
-            with tracker(step, info=info):
-                loss.backward(create_graph=tracker.create_graph(step))
-            optimizer.step()
+            cockpit_step(tracker, model, optimizer, x, y, step)
     return tracker.get_output(), seen
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *args):
-        return False
 
 
 def flat(value) -> torch.Tensor:

@@ -12,8 +12,10 @@ optional ``clients`` extra).
 
 from __future__ import annotations
 
+import clients_common as common
 import pytest
 import torch
+from clients_common import switched_off  # noqa: F401
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
 
@@ -26,36 +28,17 @@ from laplace.curvature import BackPackEF, BackPackGGN  # noqa: E402
 
 import tnbackpack  # noqa: E402
 
-DTYPE = torch.float64
 TOL = {"rtol": 1e-10, "atol": 1e-12}
-
-
-@pytest.fixture(autouse=True)
-def switched_off():
-    tnbackpack.disable()
-    yield
-    tnbackpack.disable()
 
 
 def cnn(kind: str) -> nn.Sequential:
     """``plain``: where BackPACK is right; ``hard``: circular padding and groups."""
-    torch.manual_seed(0)
     hard = kind == "hard"
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1, padding_mode="circular" if hard else "zeros"),
-        nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1, groups=2 if hard else 1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 5 * 5, 3),
-    ).to(DTYPE)
+    return common.cnn("circular" if hard else "zeros", 2 if hard else 1, size=5)
 
 
 def dataset():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(12, 1, 5, 5, generator=gen, dtype=DTYPE)
-    y = torch.randint(0, 3, (12,), generator=gen)
-    return x, y
+    return common.data(12, 5)
 
 
 def fitted(kind: str, structure: str, backend, switched: bool, **kwargs):
@@ -78,18 +61,10 @@ def fitted(kind: str, structure: str, backend, switched: bool, **kwargs):
         backend=backend,
         **kwargs,
     )
-    with tnbackpack.enabled() if switched else _nothing():
+    with common.switch(switched):
         la.fit(loader)
         predictive = la(x[:4], pred_type="glm", link_approx="probit")
     return la, predictive
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *args):
-        return False
 
 
 def flat_model(kind: str):
@@ -169,7 +144,7 @@ def test_enable_backprop_predictive_is_differentiable():
     for switched in (False, True):
         la, _ = fitted("plain", "diag", BackPackGGN, switched, enable_backprop=True)
         inputs = x[:3].clone().requires_grad_()
-        with tnbackpack.enabled() if switched else _nothing():
+        with common.switch(switched):
             probs = la(inputs, pred_type="glm", link_approx="probit")
         (g,) = torch.autograd.grad(probs[:, 0].sum(), inputs)
         grads.append(g)

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import copy
 
+import clients_common as common
 import pytest
 import torch
+from clients_common import switched_off  # noqa: F401
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
 
@@ -33,34 +35,16 @@ from vivit.optim.directional_derivatives import (  # noqa: E402
 
 import tnbackpack  # noqa: E402
 
-DTYPE = torch.float64
 TOP = 3
 TOL = {"rtol": 1e-9, "atol": 1e-11}
 
 
-@pytest.fixture(autouse=True)
-def switched_off():
-    tnbackpack.disable()
-    yield
-    tnbackpack.disable()
-
-
 def cnn(padding_mode: str) -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1, padding_mode=padding_mode),
-        nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1, groups=2),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 4 * 4, 3),
-    ).to(DTYPE)
+    return common.cnn(padding_mode, groups=2, size=4)
 
 
 def data():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 1, 4, 4, generator=gen, dtype=DTYPE)
-    return x, torch.randint(0, 3, (4,), generator=gen)
+    return common.data(4, 4)
 
 
 def top_indices(evals):

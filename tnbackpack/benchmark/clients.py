@@ -101,6 +101,32 @@ def _laplace(structure: str, predict: bool) -> Callable[[int], Callable[[], None
 
 
 # ------------------------------------------------------------------ cockpit
+def cockpit_step(tracker, model, optimizer, x, y, global_step: int) -> None:
+    """One SGD step of a classifier, tracked the way cockpit's documentation does.
+
+    ``model`` and its mean cross-entropy must be extended; the tests use it too.
+    """
+    optimizer.zero_grad()
+    out = model(x)
+    loss = extend_loss()(out, y)
+    info = {
+        "batch_size": x.shape[0],
+        "individual_losses": nn.functional.cross_entropy(out, y, reduction="none"),
+        "loss": loss,
+        "optimizer": optimizer,
+    }
+    with tracker(global_step, info=info):
+        loss.backward(create_graph=tracker.create_graph(global_step))
+    optimizer.step()
+
+
+def extend_loss() -> nn.Module:
+    """BackPACK's extended mean cross-entropy."""
+    from backpack import extend
+
+    return extend(nn.CrossEntropyLoss())
+
+
 def _cockpit(preset: str) -> Callable[[int], Callable[[], None]]:
     def prepare(size: int) -> Callable[[], None]:
         from backpack import extend
@@ -109,27 +135,10 @@ def _cockpit(preset: str) -> Callable[[int], Callable[[], None]]:
 
         x, y = batch(size)
         model = extend(cnn())
-        loss_fn = extend(nn.CrossEntropyLoss())
-        individual = nn.CrossEntropyLoss(reduction="none")
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         tracker = Cockpit(model.parameters(), quantities=configuration(preset))
         steps = iter(range(10**9))
-
-        def step():
-            global_step = next(steps)
-            optimizer.zero_grad()
-            out = model(x)
-            loss = loss_fn(out, y)
-            info = {
-                "batch_size": size,
-                "individual_losses": individual(out, y),
-                "loss": loss,
-                "optimizer": optimizer,
-            }
-            with tracker(global_step, info=info):
-                loss.backward(create_graph=tracker.create_graph(global_step))
-
-        return step
+        return lambda: cockpit_step(tracker, model, optimizer, x, y, next(steps))
 
     return prepare
 
@@ -243,7 +252,7 @@ def measure(
 
 def markdown(rows: List[ClientRow], size: int, threads: int) -> str:
     """The committed table, with how it was measured."""
-    import backpack
+    from importlib.metadata import version
 
     import tnbackpack
 
@@ -261,11 +270,12 @@ def markdown(rows: List[ClientRow], size: int, threads: int) -> str:
             f"| {row.client} | {row.workflow} | {ms(row.stock_ms)} | "
             f"{ms(row.tn_ms)} | {speedup} | {row.note} |"
         )
+    backpack_version = version("backpack-for-pytorch")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     return (
         f"Measured {stamp} UTC by `python -m tnbackpack.benchmark --clients` "
         f"(batch {size}, {threads} thread(s), float32, medians of interleaved "
-        f"rounds; torch {torch.__version__}, BackPACK {backpack.__version__}, "
+        f"rounds; torch {torch.__version__}, BackPACK {backpack_version}, "
         f"tnbackpack {tnbackpack.__version__}, {platform.machine()}). Model: "
         "three 3x3 convolutions (16, 32, 32 channels, two of stride 2) and a "
         "linear layer on 3x32x32 inputs, 10 classes.\n\n" + "\n".join(lines) + "\n"
