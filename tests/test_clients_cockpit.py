@@ -3,7 +3,9 @@
 cockpit's quantities construct BackPACK's ``BatchGrad``, ``DiagHessian`` (and
 hooks on their results) inside cockpit. Three SGD steps of a small CNN with
 the "economy" and "business" presets: every tracked value equals stock
-BackPACK's where BackPACK is right (zero padding, groups); with circular
+BackPACK's where BackPACK is right (zero padding, groups), also for "full"
+(``create_graph=True`` for HessMaxEV, float32: cockpit's HessMaxEV refuses
+float64); with circular
 padding, where stock BackPACK is wrong, ``HessTrace`` and ``NormTest`` equal
 torch.func references (the Hessian diagonal; per-sample gradients in Byrd et
 al.'s norm test, eq. 3.9, as cockpit documents it). Skipped without cockpit
@@ -48,9 +50,9 @@ def batches():
         yield common.data(BATCH, 5, seed=step)
 
 
-def train(preset: str, padding_mode: str, switched: bool):
+def train(preset: str, padding_mode: str, switched: bool, dtype=DTYPE):
     """cockpit's output and, per step, the parameters and batch it saw."""
-    model = extend(cnn(padding_mode))
+    model = extend(cnn(padding_mode).to(dtype))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -58,9 +60,11 @@ def train(preset: str, padding_mode: str, switched: bool):
     seen = []
     with common.switch(switched):
         for step, (x, y) in enumerate(batches()):
+            x = x.to(dtype)
             seen.append(
                 ({n: p.detach().clone() for n, p in model.named_parameters()}, x, y)
             )
+            torch.manual_seed(step)  # HessMaxEV's random start vector
             cockpit_step(tracker, model, optimizer, x, y, step)
     return tracker.get_output(), seen
 
@@ -74,7 +78,7 @@ def flat(value) -> torch.Tensor:
     return torch.as_tensor(value, dtype=DTYPE).flatten()
 
 
-def assert_outputs_equal(actual: Dict, expected: Dict) -> None:
+def assert_outputs_equal(actual: Dict, expected: Dict, rtol=1e-9, atol=1e-12):
     assert actual.keys() == expected.keys()
     for step in expected:
         assert actual[step].keys() == expected[step].keys()
@@ -82,8 +86,8 @@ def assert_outputs_equal(actual: Dict, expected: Dict) -> None:
             torch.testing.assert_close(
                 flat(actual[step][name]),
                 flat(expected[step][name]),
-                rtol=1e-9,
-                atol=1e-12,
+                rtol=rtol,
+                atol=atol,
                 msg=f"step {step}, {name}",
             )
 
@@ -93,6 +97,17 @@ def test_equal_to_stock_backpack_where_it_is_right(preset):
     expected, _ = train(preset, "zeros", switched=False)
     actual, _ = train(preset, "zeros", switched=True)
     assert_outputs_equal(actual, expected)
+
+
+def test_full_preset_with_create_graph_equals_stock():
+    """ "full" adds HessMaxEV: Hessian-vector products through the graph that
+    ``backward(create_graph=True)`` builds around the extensions' results.
+    cockpit's HessMaxEV works in float32 only ("Float did not match Double").
+    """
+    expected, _ = train("full", "zeros", switched=False, dtype=torch.float32)
+    actual, _ = train("full", "zeros", switched=True, dtype=torch.float32)
+    assert any("HessMaxEV" in values for values in actual.values())
+    assert_outputs_equal(actual, expected, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------- torch.func references
