@@ -3,7 +3,9 @@
 Each workflow of laplace-torch, cockpit and vivit runs unmodified on a small
 CIFAR-sized CNN, once with stock BackPACK and once under
 :func:`tnbackpack.enable`; the two variants are timed interleaved (round-robin,
-order rotated, medians, :mod:`.timing`) in one process with one thread.
+order rotated, medians, :mod:`.timing`) in one process with one thread, by
+the process's CPU time: on a shared machine other processes' load inflates
+wall time, not that.
 Workflows whose client is not installed are listed as skipped. Output: a
 markdown table (``docs/benchmarks/clients.md`` by default).
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import datetime
 import gc
 import platform
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,7 +241,11 @@ def measure(
         tn_prepared = workflow.prepare(size)
     variants = {"stock": stock_run, "tn": _switched(tn_prepared)}
     timings = time_interleaved(
-        variants, gc.collect, repeats=repeats, max_seconds=max_seconds
+        variants,
+        gc.collect,
+        repeats=repeats,
+        max_seconds=max_seconds,
+        clock=time.process_time,
     )
     note = "; ".join(f"{k}: {v}" for k, v in timings.errors.items())
     return ClientRow(
@@ -260,8 +267,8 @@ def markdown(rows: List[ClientRow], size: int, threads: int) -> str:
         return "–" if value is None else f"{value:.1f}"
 
     lines = [
-        "| client | workflow | stock BackPACK (ms) | `tnbackpack.enable()` (ms) "
-        "| speedup | note |",
+        "| client | workflow | stock BackPACK (CPU ms) "
+        "| `tnbackpack.enable()` (CPU ms) | speedup | note |",
         "|---|---|---:|---:|---:|---|",
     ]
     for row in rows:
@@ -274,8 +281,9 @@ def markdown(rows: List[ClientRow], size: int, threads: int) -> str:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     return (
         f"Measured {stamp} UTC by `python -m tnbackpack.benchmark --clients` "
-        f"(batch {size}, {threads} thread(s), float32, medians of interleaved "
-        f"rounds; torch {torch.__version__}, BackPACK {backpack_version}, "
+        f"(batch {size}, {threads} thread(s), float32, CPU time of the process, "
+        f"medians of interleaved rounds; torch {torch.__version__}, "
+        f"BackPACK {backpack_version}, "
         f"tnbackpack {tnbackpack.__version__}, {platform.machine()}). Model: "
         "three 3x3 convolutions (16, 32, 32 channels, two of stride 2) and a "
         "linear layer on 3x32x32 inputs, 10 classes.\n\n" + "\n".join(lines) + "\n"
