@@ -6,9 +6,10 @@ the "economy" and "business" presets: every tracked value equals stock
 BackPACK's where BackPACK is right (zero padding, groups), also for "full"
 (``create_graph=True`` for HessMaxEV, float32: cockpit's HessMaxEV refuses
 float64); with circular
-padding, where stock BackPACK is wrong, ``HessTrace`` and ``NormTest`` equal
-torch.func references (the Hessian diagonal; per-sample gradients in Byrd et
-al.'s norm test, eq. 3.9, as cockpit documents it). Skipped without cockpit
+padding, where stock BackPACK is wrong, ``HessTrace``, ``NormTest``,
+``InnerTest`` and ``OrthoTest`` equal torch.func references (the Hessian
+diagonal; the tests' definitions in the papers cockpit cites, on per-sample
+gradients). Skipped without cockpit
 (the optional ``clients`` extra, which pins ``setuptools<81`` for its
 ``pkg_resources`` import).
 """
@@ -112,7 +113,12 @@ def test_full_preset_with_create_graph_equals_stock():
 
 # ----------------------------------------------------- torch.func references
 def reference_quantities(params: Dict, x, y) -> Dict[str, object]:
-    """``HessTrace`` (per parameter) and ``NormTest`` of the mean loss."""
+    """``HessTrace`` (per parameter) and the three gradient tests, mean loss.
+
+    Norm test (Byrd et al. 2012, eq. 3.9), inner-product and orthogonality
+    tests (Bollapragada et al. 2018, eqs. 2.6 and 3.3), from the sample
+    variances of the per-sample gradients ``∇ℓ_n`` around their mean ``ḡ``.
+    """
     model = copy.deepcopy(cnn("circular"))
     loss_fn = nn.CrossEntropyLoss()
 
@@ -124,11 +130,20 @@ def reference_quantities(params: Dict, x, y) -> Dict[str, object]:
         for h in (hessian(loss)(params, x, y)[name][name] for name in params)
     ]
     per_sample = vmap(grad(loss), (None, 0, 0))(params, x[:, None], y[:, None])
-    sample_sq = sum((g.flatten(1) ** 2).sum(1) for g in per_sample.values())
-    batch_sq = sum((g.mean(0) ** 2).sum() for g in per_sample.values())
-    n = x.shape[0]
-    variance_l1 = (sample_sq.sum() - n * batch_sq) / (n - 1)
-    return {"HessTrace": traces, "NormTest": math.sqrt(variance_l1 / n / batch_sq)}
+    g = torch.cat([v.flatten(1) for v in per_sample.values()], dim=1)  # [N, P]
+    n, mean = g.shape[0], g.mean(0)
+    mean_sq = mean @ mean
+    projections = g @ mean
+    orthogonal = g - projections[:, None] / mean_sq * mean
+    norm_var = ((g - mean) ** 2).sum() / (n - 1)
+    inner_var = ((projections - mean_sq) ** 2).sum() / (n - 1)
+    ortho_var = (orthogonal**2).sum() / (n - 1)
+    return {
+        "HessTrace": traces,
+        "NormTest": math.sqrt(norm_var / n / mean_sq),
+        "InnerTest": math.sqrt(inner_var / n / mean_sq**2),
+        "OrthoTest": math.sqrt(ortho_var / n / mean_sq),
+    }
 
 
 def test_equal_to_torch_func_where_backpack_is_wrong():
