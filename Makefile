@@ -5,8 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.installed-docs
+CLIENTS_STAMP := $(VENV)/.installed-clients
 
-.PHONY: demo test test-slow lint bench docs clean
+.PHONY: demo test test-slow lint bench docs clients clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +18,15 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 $(DOCS_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0 -e ".[docs]"
 	touch $(DOCS_STAMP)
+
+# laplace-torch, cockpit and vivit for tests/test_clients_*.py (skipped when
+# absent). torch is named again so that no client pulls another torch build.
+$(CLIENTS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0 -e ".[clients]"
+	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0') and torch.version.cuda is None, torch.__version__"
+	touch $(CLIENTS_STAMP)
+
+clients: $(CLIENTS_STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py

@@ -4,6 +4,9 @@
   latest results of ``python -m tnbackpack.benchmark`` (``docs/benchmarks/``:
   ``table.md``, ``speedup.png``, ``results.csv``), or a note when there are none
   yet, so ``mkdocs build --strict`` passes either way.
+- In ``clients.md`` the marker ``<!-- client-benchmark -->`` becomes
+  ``docs/benchmarks/clients.md`` (``python -m tnbackpack.benchmark --clients``),
+  or a note when it is missing.
 - Sphinx roles in docstrings (``:class:`~a.b.C```), which mkdocstrings leaves
   as text, are shown as plain code.
 """
@@ -34,8 +37,20 @@ def _demoted(markdown: str) -> str:
     return re.sub(r"^(#+) ", r"#\1 ", markdown, flags=re.MULTILINE)
 
 
+CLIENT_MARKER = "<!-- client-benchmark -->"
+
+NO_CLIENT_RESULTS = """!!! note "No client results in this build"
+    Run `python -m tnbackpack.benchmark --clients` and rebuild the documentation.
+"""
+
+
 def on_page_markdown(markdown, page, config, files):
-    """Replace the benchmark marker by the results, if any."""
+    """Replace the benchmark markers by the results, if any."""
+    if CLIENT_MARKER in markdown:
+        table = Path(config["docs_dir"]) / "benchmarks" / "clients.md"
+        found = table.is_file()
+        text = table.read_text(encoding="utf-8") if found else NO_CLIENT_RESULTS
+        markdown = markdown.replace(CLIENT_MARKER, text)
     if MARKER not in markdown:
         return markdown
     results = Path(config["docs_dir"]) / "benchmarks"

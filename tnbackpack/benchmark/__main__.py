@@ -33,6 +33,13 @@ def parse(argv: Optional[List[str]] = None) -> Settings:
         help=f"cases {','.join(QUICK_CASES)}, extensions {','.join(QUICK_EXTENSIONS)}, "
         "3 repeats, output docs/benchmarks/quick (other options still apply)",
     )
+    parser.add_argument(
+        "--clients",
+        action="store_true",
+        help="time laplace-torch, cockpit and vivit workflows, stock BackPACK vs "
+        "tnbackpack.enable() (--batch, --threads, --repeats, --output apply; "
+        "writes docs/benchmarks/clients.md)",
+    )
     parser.add_argument("--cases", help=f"comma list of: {','.join(CASES)}")
     parser.add_argument(
         "--extensions", help=f"comma list of: {','.join(ALL_EXTENSIONS)}"
@@ -81,6 +88,16 @@ def parse(argv: Optional[List[str]] = None) -> Settings:
     )
     args = parser.parse_args(argv)
     quick = args.quick
+    if args.clients:
+        from .clients import run_clients
+
+        run_clients(
+            args.output or Path("docs/benchmarks/clients.md"),
+            size=args.batch,
+            threads=args.threads,
+            repeats=args.repeats or 5,
+        )
+        raise SystemExit(0)
     return Settings(
         cases=_names(
             args.cases, list(CASES), QUICK_CASES if quick else tuple(CASES), "cases"

@@ -58,9 +58,9 @@ def input_vjp(
         raise ValueError(f"route must be one of {INPUT_VJP_ROUTES}, got {route!r}")
     if input_size is None:
         input_size = tuple(module.input0.shape[2:])
-    weight = module.weight.detach()
+    # not detached: differentiable under create_graph=True, as BackPACK's
     return functional.input_vjp(
-        conv_spec(module), mat, weight, input_size, vectors=True, route=route
+        conv_spec(module), mat, module.weight, input_size, vectors=True, route=route
     )
 
 

@@ -59,8 +59,13 @@ def subsample(tensor: Tensor, subsampling: Optional[List[int]], dim: int = 0) ->
 
 
 def layer_input(module: nn.Module, subsampling: Optional[List[int]] = None) -> Tensor:
-    """The layer input stored by BackPACK, detached, optionally sub-sampled."""
-    return subsample(module.input0.detach(), subsampling)
+    """The layer input stored by BackPACK, optionally sub-sampled.
+
+    Not detached: with ``create_graph=True`` the quantities stay
+    differentiable through the input, as BackPACK's are; without it the
+    backward pass records nothing anyway.
+    """
+    return subsample(module.input0, subsampling)
 
 
 def output_size(module: nn.Module) -> Tuple[int, ...]:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .graph import records_graph
 from .pattern import source_positions
 from .spec import ConvSpec
 
@@ -96,6 +97,7 @@ def kfac_expand_input_factor(
     order = [1, 2, *taps, 0, *spatial]  # [G, ci, *K, N, *O]
     positions = prod(output_size)
     columns = grouped.permute(order).reshape(groups, -1, n * positions)
+    # in place is fine under autograd too: division by a number saves nothing
     return (columns @ columns.transpose(1, 2)).div_(n * positions)
 
 
@@ -137,9 +139,14 @@ def per_sample_weight_vjp(
         return out.reshape(v, n, *spec.weight_shape())
     stack = grad_output if vectors else grad_output.unsqueeze(0)
     rows = stack.reshape(stack.shape[0], n * groups, -1, prod(out_size))
-    out = rows.new_empty(stack.shape[0], n * groups, rows.shape[2], columns.shape[2])
-    for vector, result in zip(rows, out):
-        torch.bmm(vector, columns, out=result)
+    if records_graph(rows, columns):  # autograd refuses out=
+        out = torch.stack([torch.bmm(vector, columns) for vector in rows])
+    else:
+        out = rows.new_empty(
+            stack.shape[0], n * groups, rows.shape[2], columns.shape[2]
+        )
+        for vector, result in zip(rows, out):
+            torch.bmm(vector, columns, out=result)
     lead = (stack.shape[0], n) if vectors else (n,)
     return out.reshape(*lead, *spec.weight_shape())
 
