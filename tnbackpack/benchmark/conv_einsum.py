@@ -20,6 +20,7 @@ Every variant's output is checked against ``rebuilt`` before timing. FLOPs:
 
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 import statistics
@@ -307,3 +308,32 @@ def run_conv_einsum(
     write(rows, output, batch, threads)
     log(f"wrote {output}/results.csv and table.md")
     return rows
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """``python -m tnbackpack.benchmark --conv-einsum [options]``."""
+    parser = argparse.ArgumentParser(prog="python -m tnbackpack.benchmark --conv-einsum")
+    parser.add_argument("--quick", action="store_true", help="one small layer (16 ch @ 14²)")
+    parser.add_argument("--batch", type=int, default=32, help="batch size (32)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+    parser.add_argument("--repeats", type=int, default=7, help="measured rounds (7)")
+    parser.add_argument(
+        "--max-seconds", type=float, default=8.0,
+        help="stop a row's rounds after this many seconds, at least 3 rounds (8)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--factorizations", default=",".join(FACTORIZATIONS),
+        help=f"comma list of: {','.join(FACTORIZATIONS)}",
+    )  # fmt: skip
+    parser.add_argument(
+        "--output", type=Path, help="output directory (docs/benchmarks/conv_einsum[/quick])"
+    )
+    args = parser.parse_args(argv)
+    names = tuple(n.strip() for n in args.factorizations.split(",") if n.strip())
+    unknown = [n for n in names if n not in FACTORIZATIONS]
+    if unknown:
+        raise SystemExit(f"unknown factorizations {unknown}; choose from {list(FACTORIZATIONS)}")
+    run_conv_einsum(
+        quick=args.quick, batch=args.batch, threads=args.threads, repeats=args.repeats,
+        max_seconds=args.max_seconds, output=args.output, factorizations=names,
+    )  # fmt: skip

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -440,17 +440,31 @@ def _summed_batch(a: Tensor, la: str, b: Tensor, lb: str, contracted: str):
 
 
 def _batched(a: Tensor, la: str, sizes, outer: str, contracted: str, inner: str):
-    """``a`` as a ``[outer, inner, contracted]`` view, ``None`` if it needs a copy."""
+    """``a`` as a ``[outer, inner, contracted]`` view, ``None`` if it needs a copy.
+
+    Each group of letters must be one block in memory; the two inner groups
+    may come in either order (the matrix is then read transposed).
+    """
     shape = (_count(sizes, outer), _count(sizes, inner), _count(sizes, contracted))
-    try:
+    if _viewable(a, la, (outer, inner, contracted)):
         return _arrange(a, la, outer + inner + contracted).view(shape)
-    except RuntimeError:
-        pass
-    try:
+    if _viewable(a, la, (outer, contracted, inner)):
         view = _arrange(a, la, outer + contracted + inner).view(shape[0], shape[2], shape[1])
         return view.transpose(1, 2)
-    except RuntimeError:
-        return None
+    return None
+
+
+def _viewable(a: Tensor, la: str, groups: Sequence[str]) -> bool:
+    """Whether ``a`` permuted to ``groups`` can be viewed with one dim per group.
+
+    Checked on the strides (a failed ``view`` raises, which is slow).
+    """
+    for group in groups:
+        dims = [la.index(c) for c in group if a.shape[la.index(c)] != 1]
+        for outer_dim, inner_dim in zip(dims, dims[1:]):
+            if a.stride(outer_dim) != a.stride(inner_dim) * a.shape[inner_dim]:
+                return False
+    return True
 
 
 def _count(sizes: Dict[str, int], letters: str) -> int:
