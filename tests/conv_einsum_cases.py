@@ -50,7 +50,9 @@ def pattern_reference(
     strides = per_letter(stride, conv, 1)
     dilations = per_letter(dilation, conv, 1)
     paddings = (
-        {c: padding for c in conv} if isinstance(padding, str) else per_letter(padding, conv, 0)
+        {c: padding for c in conv}
+        if isinstance(padding, str)
+        else per_letter(padding, conv, 0)
     )
     used = set("".join(inputs))
     fresh = iter(c for c in string.ascii_letters if c not in used)
@@ -76,7 +78,9 @@ def pattern_reference(
         pi = torch.zeros(*ks, size_out, size_in, dtype=operands[0].dtype)
         for taps in itertools.product(*(range(k) for k in ks)):
             for o in range(size_out):
-                real = read_position(s * o + d * sum(taps) - left, size_in, padding_mode)
+                real = read_position(
+                    s * o + d * sum(taps) - left, size_in, padding_mode
+                )
                 if real is not None:
                     pi[taps + (o, real)] += 1
         i_letter = next(fresh)

@@ -162,11 +162,16 @@ def measure_row(
     generator = torch.Generator().manual_seed(0)
     shapes = factor_shapes(name, channels, rank)
     # factors scaled so that the rebuilt kernel has He-like variance
-    scale = (2.0 / (9 * channels)) ** (1 / (2 * len(shapes))) / max(rank, 1) ** (1 / (2 * len(shapes)))
+    scale = (2.0 / (9 * channels)) ** (1 / (2 * len(shapes))) / max(rank, 1) ** (
+        1 / (2 * len(shapes))
+    )
     factors = [
-        (torch.randn(s, generator=generator) * scale).requires_grad_(True) for s in shapes
+        (torch.randn(s, generator=generator) * scale).requires_grad_(True)
+        for s in shapes
     ]
-    x = torch.randn(batch, channels, size, size, generator=generator).requires_grad_(True)
+    x = torch.randn(batch, channels, size, size, generator=generator).requires_grad_(
+        True
+    )
     grad = torch.randn(batch, channels, size, size, generator=generator)
     variants: Dict[str, Callable[[], Tensor]] = {
         "conv_einsum": lambda: conv_einsum(equation, x, *factors, padding=1),
@@ -175,7 +180,9 @@ def measure_row(
     }
     implementations = ("factorized", "mobilenet") if name == "cp" else ("factorized",)
     for implementation in implementations:
-        layer = tltorch_layer(name, channels, rank, [f.detach() for f in factors], implementation)
+        layer = tltorch_layer(
+            name, channels, rank, [f.detach() for f in factors], implementation
+        )
         if layer is not None:
             suffix = "" if implementation == "factorized" else f"({implementation})"
             variants[f"tltorch{suffix}"] = lambda layer=layer: layer(x)
@@ -202,7 +209,9 @@ def measure_row(
             if vname.startswith("tltorch"):
                 pass
 
-    counted = {vname: _counted_gflop(step(function)) for vname, function in variants.items()}
+    counted = {
+        vname: _counted_gflop(step(function)) for vname, function in variants.items()
+    }
     cleanup()
     timings = time_interleaved(
         {vname: step(function) for vname, function in variants.items()},
@@ -262,7 +271,8 @@ def write(rows: List[Row], output: Path, batch: int, threads: int) -> None:
             f"| {row.layer} | {row.factorization} | {row.rank} | "
             + " | ".join(cells)
             + f" | **{row.speedup:.2f}×** vs {row.best_baseline[0]} | "
-            f"{row.est_gflop:.2f} / {row.counted_gflop['conv_einsum']:.2f} | {row.check} |"
+            f"{row.est_gflop:.2f} / {row.counted_gflop['conv_einsum']:.2f} | "
+            f"{row.check} |"
         )
     lines += [
         "",
@@ -300,11 +310,11 @@ def run_conv_einsum(
             for fraction in FACTORIZATIONS[name][2]:
                 rank = max(1, int(channels * fraction))
                 rows.append(
-                    measure_row(name, channels, size, rank, batch, repeats, max_seconds, log)
+                    measure_row(
+                        name, channels, size, rank, batch, repeats, max_seconds, log
+                    )
                 )
-    output = output or Path(
-        "docs/benchmarks/conv_einsum" + ("/quick" if quick else "")
-    )
+    output = output or Path("docs/benchmarks/conv_einsum" + ("/quick" if quick else ""))
     write(rows, output, batch, threads)
     log(f"wrote {output}/results.csv and table.md")
     return rows
@@ -312,8 +322,12 @@ def run_conv_einsum(
 
 def main(argv: Optional[List[str]] = None) -> None:
     """``python -m tnbackpack.benchmark --conv-einsum [options]``."""
-    parser = argparse.ArgumentParser(prog="python -m tnbackpack.benchmark --conv-einsum")
-    parser.add_argument("--quick", action="store_true", help="one small layer (16 ch @ 14²)")
+    parser = argparse.ArgumentParser(
+        prog="python -m tnbackpack.benchmark --conv-einsum"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="one small layer (16 ch @ 14²)"
+    )
     parser.add_argument("--batch", type=int, default=32, help="batch size (32)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     parser.add_argument("--repeats", type=int, default=7, help="measured rounds (7)")
@@ -326,13 +340,17 @@ def main(argv: Optional[List[str]] = None) -> None:
         help=f"comma list of: {','.join(FACTORIZATIONS)}",
     )  # fmt: skip
     parser.add_argument(
-        "--output", type=Path, help="output directory (docs/benchmarks/conv_einsum[/quick])"
+        "--output",
+        type=Path,
+        help="output directory (docs/benchmarks/conv_einsum[/quick])",
     )
     args = parser.parse_args(argv)
     names = tuple(n.strip() for n in args.factorizations.split(",") if n.strip())
     unknown = [n for n in names if n not in FACTORIZATIONS]
     if unknown:
-        raise SystemExit(f"unknown factorizations {unknown}; choose from {list(FACTORIZATIONS)}")
+        raise SystemExit(
+            f"unknown factorizations {unknown}; choose from {list(FACTORIZATIONS)}"
+        )
     run_conv_einsum(
         quick=args.quick, batch=args.batch, threads=args.threads, repeats=args.repeats,
         max_seconds=args.max_seconds, output=args.output, factorizations=names,

@@ -118,15 +118,25 @@ def layout(a: Side, b: Side, out: Part) -> Optional[Layout]:
     # order every intermediate keeps them in: so channels-last stays a view
     spatial = "".join(c for c in a.letters if c in shared or c in ride)
     batch = "".join(c for c in a.letters if c not in b.letters and c not in ride)
-    group = "".join(c for c in a.letters if c in b.letters and c not in legs_a and c in out.letters)
-    cin = "".join(c for c in a.letters if c in b.letters and c not in legs_a and c not in out.letters)
+    group = "".join(
+        c for c in a.letters if c in b.letters and c not in legs_a and c in out.letters
+    )
+    cin = "".join(
+        c
+        for c in a.letters
+        if c in b.letters and c not in legs_a and c not in out.letters
+    )
     cout = "".join(c for c in b.letters if c not in a.letters)
     closed = "".join(c for c in shared if c not in out.letters)
     stride, dilation, pad, n_in, n_k, n_out = [], [], [], [], [], []
     for c in spatial:
         la = legs_a[c]
         if c in ride:
-            stride.append(1), dilation.append(1), pad.append((0, 1) if transposed else (0, 0))
+            (
+                stride.append(1),
+                dilation.append(1),
+                pad.append((0, 1) if transposed else (0, 0)),
+            )
             n_in.append(la.size), n_k.append(1), n_out.append(la.size)
             continue
         lb = legs_b[c]
@@ -199,13 +209,25 @@ def run_conv(lay: Layout, a: Tensor, la: str, b: Tensor, lb: str) -> Tuple[Tenso
         w = w.reshape(groups * n_cin, n_cout, *lay.kernel_sizes)
         crop = []
         for n_in, n_k, s, d, (start, step), n_out in zip(
-            lay.in_sizes, lay.kernel_sizes, lay.stride, lay.dilation, lay.pad, lay.out_sizes
+            lay.in_sizes,
+            lay.kernel_sizes,
+            lay.stride,
+            lay.dilation,
+            lay.pad,
+            lay.out_sizes,
         ):
             full = s * (n_in - 1) + d * (n_k - 1) + 1
             last = start + step * (n_out - 1)
             crop.append(max(0, min(start, full - 1 - last)))
-        y = _CONV_T[num](x, w, stride=lay.stride, padding=crop, dilation=lay.dilation, groups=groups)
-        y = _windows(y, 2, [(start - p, step) for (start, step), p in zip(lay.pad, crop)], lay.out_sizes)
+        y = _CONV_T[num](
+            x, w, stride=lay.stride, padding=crop, dilation=lay.dilation, groups=groups
+        )
+        y = _windows(
+            y,
+            2,
+            [(start - p, step) for (start, step), p in zip(lay.pad, crop)],
+            lay.out_sizes,
+        )
     else:
         if lay.method == "wgrad":
             x = _arrange(a, la, lay.cin + lay.group + lay.batch + lay.spatial)
@@ -217,7 +239,9 @@ def run_conv(lay: Layout, a: Tensor, la: str, b: Tensor, lb: str) -> Tuple[Tenso
                 x, padding = _pad_dims(x, 2, list(lay.pad)), [0] * num
             weight = torch.empty(
                 (groups * n_cout, n_batch, *lay.out_sizes),
-                dtype=x.dtype, device=x.device, memory_format=_format(x),
+                dtype=x.dtype,
+                device=x.device,
+                memory_format=_format(x),
             )
             y = torch.ops.aten.convolution_backward(
                 g, x, weight, None, list(lay.dilation), padding, list(lay.stride),
@@ -225,7 +249,7 @@ def run_conv(lay: Layout, a: Tensor, la: str, b: Tensor, lb: str) -> Tuple[Tenso
             )[1]  # fmt: skip
             y = y.reshape(groups, n_cout, n_batch, *lay.out_sizes)
             letters = lay.group + lay.cout + lay.batch + lay.spatial
-            y = y.reshape([sizes[c] for c in letters[: -num]] + list(lay.out_sizes))
+            y = y.reshape([sizes[c] for c in letters[:-num]] + list(lay.out_sizes))
             return _squeeze(y, letters, lay.closed)
         x = _arrange(a, la, lay.batch + lay.group + lay.cin + lay.spatial)
         x = x.reshape(n_batch, groups * n_cin, *lay.in_sizes)
@@ -234,9 +258,18 @@ def run_conv(lay: Layout, a: Tensor, la: str, b: Tensor, lb: str) -> Tuple[Tenso
         padding = _symmetric(lay.pad)
         if padding is None:
             x, padding = _pad_dims(x, 2, list(lay.pad)), 0
-        y = _CONV[num](x, w, stride=lay.stride, padding=padding, dilation=lay.dilation, groups=groups)
+        y = _CONV[num](
+            x,
+            w,
+            stride=lay.stride,
+            padding=padding,
+            dilation=lay.dilation,
+            groups=groups,
+        )
     letters = lay.batch + lay.group + lay.cout + lay.spatial
-    y = y.reshape([sizes[c] for c in lay.batch + lay.group + lay.cout] + list(lay.out_sizes))
+    y = y.reshape(
+        [sizes[c] for c in lay.batch + lay.group + lay.cout] + list(lay.out_sizes)
+    )
     return _squeeze(y, letters, lay.closed)
 
 
@@ -276,7 +309,7 @@ def window(t: Tensor, dim: int, start: int, step: int, size: int) -> Tensor:
     length = t.shape[dim]
     if start == 0 and step == 1 and size == length:
         return t
-    first = max(0, -(-(-start) // step)) if start < 0 else 0  # first p inside
+    first = max(0, -(start // step))  # first p inside t
     last = min(size - 1, (length - 1 - start) // step)
     if last < first:
         shape = list(t.shape)
@@ -311,13 +344,19 @@ def reindex(t: Tensor, dim: int, src: Leg, dst: Leg) -> Tensor:
         return t.new_zeros(shape)
     (p0, m0), (p1, m1) = found[0], found[-1]
     step = (m1 - m0) // (p1 - p0) if p1 > p0 else 1
-    regular = len(found) == p1 - p0 + 1 and step > 0 and all(
-        m == m0 + step * (p - p0) for p, m in found
+    regular = (
+        len(found) == p1 - p0 + 1
+        and step > 0
+        and all(m == m0 + step * (p - p0) for p, m in found)
     )
     if regular:
         return window(t, dim, m0 - step * p0, step, dst.size)
-    index = torch.tensor([m if m is not None else 0 for m in positions], device=t.device)
-    mask = torch.tensor([m is not None for m in positions], device=t.device, dtype=t.dtype)
+    index = torch.tensor(
+        [m if m is not None else 0 for m in positions], device=t.device
+    )
+    mask = torch.tensor(
+        [m is not None for m in positions], device=t.device, dtype=t.dtype
+    )
     shape = [1] * t.ndim
     shape[dim] = dst.size
     return t.index_select(dim, index) * mask.reshape(shape)
@@ -334,8 +373,15 @@ def pattern_tensor(a: Leg, b: Leg, m: Optional[Leg], dtype, device) -> Tensor:
     return (total[:, :, None] == vm[None, None, :]).to(dtype)
 
 
-def run_pattern(a: Tensor, la: str, legs_a: Dict[str, Leg], b: Tensor, lb: str,
-                legs_b: Dict[str, Leg], out: Part) -> Tuple[Tensor, str]:
+def run_pattern(
+    a: Tensor,
+    la: str,
+    legs_a: Dict[str, Leg],
+    b: Tensor,
+    lb: str,
+    legs_b: Dict[str, Leg],
+    out: Part,
+) -> Tuple[Tensor, str]:
     """A step through materialized index patterns (any roles, any count)."""
     legs_out = dict(out.legs)
     free = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [
@@ -348,7 +394,15 @@ def run_pattern(a: Tensor, la: str, legs_a: Dict[str, Leg], b: Tensor, lb: str,
             sa, sb = free.pop(), free.pop()
             ta[la.index(c)], tb[lb.index(c)] = sa, sb
             keep = c in out.letters
-            operands.append(pattern_tensor(legs_a[c], legs_b[c], legs_out.get(c) if keep else None, a.dtype, a.device))
+            operands.append(
+                pattern_tensor(
+                    legs_a[c],
+                    legs_b[c],
+                    legs_out.get(c) if keep else None,
+                    a.dtype,
+                    a.device,
+                )
+            )
             subs.append(sa + sb + (c if keep else ""))
     equation = ",".join(["".join(ta), "".join(tb)] + subs) + "->" + out.letters
     return torch.einsum(equation, a, b, *operands), out.letters
@@ -449,7 +503,9 @@ def _batched(a: Tensor, la: str, sizes, outer: str, contracted: str, inner: str)
     if _viewable(a, la, (outer, inner, contracted)):
         return _arrange(a, la, outer + inner + contracted).view(shape)
     if _viewable(a, la, (outer, contracted, inner)):
-        view = _arrange(a, la, outer + contracted + inner).view(shape[0], shape[2], shape[1])
+        view = _arrange(a, la, outer + contracted + inner).view(
+            shape[0], shape[2], shape[1]
+        )
         return view.transpose(1, 2)
     return None
 
