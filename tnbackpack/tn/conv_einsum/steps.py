@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import autotune
 from .legs import Leg, Part
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -434,6 +435,53 @@ def run_matmul(
     summed = _summed_batch(a, la, b, lb, contracted)
     if summed is not None:
         return summed
+    as_conv = _matmul_as_conv(a, la, b, lb, out, contracted, channels_last)
+    if as_conv is not None:
+        key = ("conv_einsum.matmul", la, lb, out, a.shape, b.shape, a.stride(),
+               b.stride(), channels_last)  # fmt: skip
+        return autotune.fastest(
+            key,
+            {
+                "conv1x1": as_conv,
+                "bmm": lambda: _bmm(a, la, b, lb, out, contracted, channels_last),
+            },
+        )[1]
+    return _bmm(a, la, b, lb, out, contracted, channels_last)
+
+
+def _matmul_as_conv(a, la, b, lb, out, contracted, channels_last):
+    """The product as a 1×1 ``F.conv1d`` (oneDNN), ``None`` if it needs a copy.
+
+    ``a`` is read as ``[batch, contracted, positions]`` (its letters before
+    the first contracted one in memory are the batch); the result is
+    ``[batch, b's free letters, positions]`` in the layout oneDNN picks.
+    """
+    order = memory_order(a, la)
+    outer = order[: min(order.index(c) for c in contracted)]
+    inner = "".join(c for c in order if c not in contracted and c not in outer)
+    small_free = "".join(c for c in lb if c not in contracted)
+    if not _viewable(a, la, (outer, contracted, inner)):
+        return None
+    if not channels_last and not _viewable(a, la, (outer + contracted + inner,)):
+        return None  # a returned result keeps the signal's layout
+    sizes = dict(zip(la, a.shape))
+    sizes.update(zip(lb, b.shape))
+
+    def run() -> Tuple[Tensor, str]:
+        x = _arrange(a, la, outer + contracted + inner).view(
+            _count(sizes, outer), _count(sizes, contracted), _count(sizes, inner)
+        )
+        w = _arrange(b, lb, small_free + contracted).reshape(
+            _count(sizes, small_free), _count(sizes, contracted), 1
+        )
+        letters = outer + small_free + inner
+        return F.conv1d(x, w).view([sizes[c] for c in letters]), letters
+
+    return run
+
+
+def _bmm(a, la, b, lb, out, contracted, channels_last) -> Tuple[Tensor, str]:
+    """The product as one ``bmm`` (see :func:`run_matmul`)."""
     small_free = "".join(c for c in lb if c not in contracted)
     big_free = [c for c in memory_order(a, la) if c not in contracted]
     sizes = dict(zip(la, a.shape))
@@ -488,9 +536,26 @@ def _summed_batch(a: Tensor, la: str, b: Tensor, lb: str, contracted: str):
     b3 = _batched(b, lb, dict(zip(lb, b.shape)), prefix, rest, free_b)
     if a3 is None or b3 is None:
         return None
-    result = torch.bmm(a3, b3.transpose(1, 2)).sum(0)
-    shape = [sizes[c] for c in free_a] + [b.shape[lb.index(c)] for c in free_b]
-    return result.reshape(shape), free_a + free_b
+    shape_a = [sizes[c] for c in free_a]
+    shape_b = [b.shape[lb.index(c)] for c in free_b]
+
+    def by_bmm() -> Tuple[Tensor, str]:
+        result = torch.bmm(a3, b3.transpose(1, 2)).sum(0)
+        return result.reshape(shape_a + shape_b), free_a + free_b
+
+    def by_weight_gradient() -> Tuple[Tensor, str]:
+        # Σ_s a[s] b[s]ᵀ is the weight gradient of a 1×1 conv1d whose input
+        # is a (channels free_a, positions rest) and output gradient b
+        weight = a3.new_empty(b3.shape[1], a3.shape[1], 1)
+        result = torch.ops.aten.convolution_backward(
+            b3, a3, weight, None, [1], [0], [1], False, [0], 1,
+            [False, True, False],
+        )[1]  # fmt: skip
+        return result.reshape(shape_b + shape_a), free_b + free_a
+
+    key = ("conv_einsum.summed", la, lb, a.shape, b.shape, a.stride(), b.stride(),
+           contracted)  # fmt: skip
+    return autotune.fastest(key, {"wgrad1x1": by_weight_gradient, "bmm": by_bmm})[1]
 
 
 def _batched(a: Tensor, la: str, sizes, outer: str, contracted: str, inner: str):
