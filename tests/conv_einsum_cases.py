@@ -100,3 +100,23 @@ def grads(function, operands, grad_output):
     leaves = [op.detach().clone().requires_grad_(True) for op in operands]
     out = function(*leaves)
     return out, torch.autograd.grad(out, leaves, grad_output)
+
+
+def assert_matches(ours, reference, operands, dtype=torch.float64, tol=1e-10):
+    """``ours`` (run in ``dtype``) and ``reference`` (float64) agree on the
+    value and on the gradient of every operand, for one random output gradient.
+    """
+    operands = [op.double() for op in operands]
+    expected = reference(*operands)
+    grad_output = torch.randn_like(expected)
+    _, expected_grads = grads(reference, operands, grad_output)
+    out, got_grads = grads(
+        ours, [op.to(dtype) for op in operands], grad_output.to(dtype)
+    )
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+    for position, (got, want) in enumerate(zip(got_grads, expected_grads)):
+        torch.testing.assert_close(
+            got.double(), want, rtol=tol, atol=tol,
+            msg=lambda m, p=position: f"gradient of operand {p}: {m}",
+        )  # fmt: skip
