@@ -225,8 +225,10 @@ def _conv(lay: Layout, a, la, b, lb, n) -> Tuple[Tensor, str]:
 
 
 def _weight_gradient(lay: Layout, a, la, b, lb, n) -> Tuple[Tensor, str]:
-    """PyTorch's weight-gradient kernel: ``b`` (the larger side) is the output
-    gradient, ``a`` the input, the result the "weight".
+    """PyTorch's weight-gradient kernel.
+
+    ``b`` (the larger side) is the output gradient, ``a`` the input, the
+    result the "weight".
     """
     num = len(lay.spatial)
     x = _arrange(a, la, lay.cin + lay.group + lay.batch + lay.spatial)
@@ -248,8 +250,10 @@ def _weight_gradient(lay: Layout, a, la, b, lb, n) -> Tuple[Tensor, str]:
 
 
 def _transposed(lay: Layout, a, la, b, lb, n) -> Tuple[Tensor, str]:
-    """``F.conv_transpose*d`` (both legs kernel-side); cut to the result's
-    positions, cropping what the kernel's padding can crop.
+    """``F.conv_transpose*d`` (both legs kernel-side).
+
+    The full output is cut to the result's positions; what the kernel's
+    symmetric padding can crop is not computed.
     """
     x = _arrange(a, la, lay.batch + lay.group + lay.cin + lay.spatial)
     x = x.reshape(n["batch"], n["group"] * n["cin"], *lay.in_sizes)
