@@ -180,3 +180,30 @@ def test_lazy_export_does_not_import_backpack():
     )
     assert out.stdout.strip() == "False"
     assert tnbackpack.conv_einsum is conv_einsum
+
+
+def test_many_operands_use_the_greedy_planner():
+    """More than EXACT_NODES nodes: a chain of 12 factors on two letters."""
+    torch.manual_seed(2)
+    letters = "abcdefghij"
+    chain = ",".join(letters[i] + letters[i + 1] for i in range(len(letters) - 1))
+    equation = f"nah,{chain},jh,jh->njh|h"
+    shapes = [(2, 2, 9)] + [(2, 2)] * (len(letters) - 1) + [(2, 3), (2, 2)]
+    operands = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    assert_matches(
+        lambda *o: conv_einsum(equation, *o, padding=1),
+        lambda *o: pattern_reference(equation, *o, padding=1),
+        operands,
+    )
+
+
+def test_no_grad_and_no_requires_grad_give_the_same_values():
+    torch.manual_seed(3)
+    x, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3, requires_grad=True)
+    with torch.no_grad():
+        a = conv_einsum("nchw,ochw->nohw|hw", x, w, padding=1)
+    b = conv_einsum("nchw,ochw->nohw|hw", x, w.detach(), padding=1)
+    assert not a.requires_grad and not b.requires_grad
+    expected = torch.nn.functional.conv2d(x, w.detach(), padding=1)
+    torch.testing.assert_close(a, expected)
+    torch.testing.assert_close(b, expected)

@@ -150,8 +150,10 @@ def conv_einsum(
                 operands[signal], subscripts[signal].index(letter), spec, letter,
                 padding_mode,
             )  # fmt: skip
-    from .function import ConvEinsum
+    from .function import ConvEinsum, evaluate
 
+    if not (torch.is_grad_enabled() and any(op.requires_grad for op in operands)):
+        return evaluate(network, *operands)
     return ConvEinsum.apply(network, *operands)
 
 

@@ -22,6 +22,12 @@ from .planner import plan
 from .semantics import Network
 
 
+def evaluate(network: Network, *operands: Tensor) -> Tensor:
+    """The forward alone (no gradient wanted: nothing planned or saved for one)."""
+    chosen = plan(network, operands[0].element_size())
+    return execute(network, chosen.forward, dict(enumerate(operands)), {})
+
+
 class ConvEinsum(torch.autograd.Function):
     """``forward(ctx, network, *operands)`` -> the output node's tensor."""
 
