@@ -114,9 +114,9 @@ def step_cost(
     legs_a, legs_b = dict(a.legs), dict(b.legs)
     shared_conv = [c for c in a.letters if c in legs_a and c in legs_b]
     moved = itemsize * (math.prod(a.sizes) + math.prod(b.sizes) + out.numel)
+    sizes = dict(zip(a.letters, a.sizes))
+    sizes.update(zip(b.letters, b.sizes))
     if not shared_conv:
-        sizes = dict(zip(a.letters, a.sizes))
-        sizes.update(zip(b.letters, b.sizes))
         flops = 2 * math.prod(sizes.values())
         inner = math.prod(
             sizes[c] for c in a.letters if c in b.letters and c not in out.letters
@@ -126,45 +126,29 @@ def step_cost(
         return "einsum", None, flops, moved, seconds
     lay = layout(a, b, out)
     if lay is None:
-        sizes = dict(zip(a.letters, a.sizes))
-        sizes.update(zip(b.letters, b.sizes))
-        flops = (
-            2
-            * math.prod(sizes[c] for c in sizes if c not in shared_conv)
-            * math.prod(
-                dict(zip(a.letters, a.sizes))[c]
-                * dict(zip(b.letters, b.sizes))[c]
-                * (dict(zip(out.letters, out.sizes)).get(c, 1))
-                for c in shared_conv
-            )
-        )
-        seconds = flops / MATMUL_FLOPS * 4 + 3 * moved / BANDWIDTH + OVERHEAD
+        # every (p_a, p_b, p_out) triple of a shared letter is visited; the
+        # 0/1 patterns are built and read too: priced well above a kernel
+        out_sizes = dict(zip(out.letters, out.sizes))
+        flops = 2 * math.prod(
+            sizes[c] for c in sizes if c not in shared_conv
+        ) * math.prod(
+            a.size(c) * b.size(c) * out_sizes.get(c, 1) for c in shared_conv
+        )  # fmt: skip
+        seconds = 4 * flops / MATMUL_FLOPS + 3 * moved / BANDWIDTH + OVERHEAD
         return "pattern", None, flops, moved, seconds
     signal, kernel = (b, a) if lay.swap else (a, b)
     n_batch = _prod(signal, lay.batch)
     groups = _prod(signal, lay.group)
     cin, cout = _prod(signal, lay.cin), _prod(kernel, lay.cout)
+    # positions the kernel visits: the output's (the input's when transposed)
     positions = math.prod(lay.in_sizes if lay.method == "transposed" else lay.out_sizes)
     flops = 2 * n_batch * groups * cin * cout * positions * math.prod(lay.kernel_sizes)
-    if lay.method == "wgrad":
-        flops = (
-            2
-            * n_batch
-            * groups
-            * cin
-            * cout
-            * math.prod(lay.out_sizes)
-            * math.prod(lay.kernel_sizes)
-        )
-    rate = CONV_FLOPS
-    padded = (
-        0
-        if lay.method == "transposed"
-        else itemsize
-        * math.prod(signal.sizes)
-        * any(left != right or left < 0 for left, right in lay.pad)
+    # an asymmetric pad or a crop copies the signal side once
+    copies = lay.method != "transposed" and any(
+        left != right or left < 0 for left, right in lay.pad
     )
-    seconds = flops / rate + (moved + 2 * padded) / BANDWIDTH + OVERHEAD
+    padded = itemsize * math.prod(signal.sizes) if copies else 0
+    seconds = flops / CONV_FLOPS + (moved + 2 * padded) / BANDWIDTH + OVERHEAD
     return lay.method, lay, flops, moved + padded, seconds
 
 
