@@ -3,7 +3,9 @@
 ``from tnbackpack import extend, backpack`` re-exports BackPACK's functions for
 convenience. ``tnbackpack.enable()``, ``tnbackpack.disable()`` and
 ``with tnbackpack.enabled(): ...`` put every BackPACK extension on tnbackpack's
-conv rules (see :mod:`tnbackpack.switch`). All are loaded on first access, so
+conv rules (see :mod:`tnbackpack.switch`). ``tnbackpack.conv_einsum`` and
+``tnbackpack.conv_einsum_path`` evaluate einsum strings with convolution
+letters (:mod:`tnbackpack.tn.conv_einsum`). All are loaded on first access, so
 that importing the engine (:mod:`tnbackpack.tn`, which does not depend on
 BackPACK) does not import BackPACK.
 """
@@ -12,17 +14,31 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["backpack", "extend", "enable", "disable", "enabled", "is_enabled"]
+__all__ = [
+    "backpack",
+    "conv_einsum",
+    "conv_einsum_path",
+    "disable",
+    "enable",
+    "enabled",
+    "extend",
+    "is_enabled",
+]
 
 _SWITCH = ("enable", "disable", "enabled", "is_enabled")
+_CONV_EINSUM = ("conv_einsum", "conv_einsum_path")
 
 
 def __getattr__(name: str) -> Any:
-    """Load BackPACK's ``backpack`` and ``extend``, and the switch, lazily (PEP 562)."""
+    """Load BackPACK's functions, the switch and conv_einsum lazily (PEP 562)."""
     if name in _SWITCH:
         from . import switch
 
         return getattr(switch, name)
+    if name in _CONV_EINSUM:
+        from .tn import conv_einsum as _conv_einsum_package
+
+        return getattr(_conv_einsum_package, name)
     if name in __all__:
         import backpack as _backpack_package
 

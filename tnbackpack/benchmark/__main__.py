@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -86,6 +87,14 @@ def parse(argv: Optional[List[str]] = None) -> Settings:
         default=2.0,
         help="skip SqrtGGNExact where its result exceeds this size (2.0)",
     )
+    parser.add_argument(
+        "--conv-einsum",
+        action="store_true",
+        help="run the conv_einsum benchmark instead (CP/Tucker-2/TT 3x3 layers vs "
+        "rebuilt kernel, stage sequence, tensorly-torch; see "
+        "tnbackpack.benchmark.conv_einsum; accepts --quick, --batch, --threads, "
+        "--repeats, --max-seconds, --output)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     if args.clients:
@@ -126,6 +135,12 @@ def parse(argv: Optional[List[str]] = None) -> Settings:
 
 def main(argv: Optional[List[str]] = None) -> None:
     """Run the benchmark."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if "--conv-einsum" in arguments:
+        from .conv_einsum import main as conv_einsum_main
+
+        conv_einsum_main([a for a in arguments if a != "--conv-einsum"])
+        return
     run(parse(argv))
 
 
