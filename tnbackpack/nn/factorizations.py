@@ -1,0 +1,347 @@
+"""Factorized convolution kernels as sequences of ordinary convolutions (stages).
+
+Every factor of a CP, Tucker-2, tensor-train (TT) or tensor-ring (TR) kernel is
+the weight of exactly one *stage*, an ordinary, grouped or depthwise
+convolution; running the stages one after the other is the factorized layer.
+That makes every per-factor quantity (per-sample gradients, curvature
+diagonals, Kronecker factors) the weight quantity of its stage, which the
+engine already computes. Factors are stored in their stage's weight layout
+(output channels first, then input channels per group, then taps), without the
+stage's unit kernel axes, so ``factor.reshape(stage.weight_shape())`` is the
+stage weight and ``factor.flatten(1)`` its ``[C_out, C_in/G·∏K]`` matrix.
+
+Stages for a layer with ``G`` groups, ``C_in → C_out`` channels, kernel
+``K_1 × … × K_d`` (ranks are per group):
+
+=========  ===============================  =================================
+layer       factor ``[shape]``                stage
+=========  ===============================  =================================
+CP R        ``input_factor [G·R, C_in/G]``    1×1, ``C_in → G·R``, ``G`` groups
+            ``kernel_factor_i [G·R, K_i]``    depthwise along axis ``i``
+            ``output_factor [C_out, R]``      1×1, ``G·R → C_out``, bias
+Tucker-2    ``input_factor [G·R_in, C_in/G]`` 1×1
+            ``core [G·R_out, R_in, *K]``      full kernel, ``G`` groups
+            ``output_factor [C_out, R_out]``  1×1, bias
+TT          ``input_core [G·r_0, C_in/G]``    1×1
+            ``kernel_core_i [G·r_i+1, r_i, K_i]``  along axis ``i``, bonds mix
+            ``output_core [C_out, r_d]``      1×1, bias
+TR          ``input_core [G·r_0, r_z, C_in/G]``  1×1 to ``(r_0, r_z)`` channels
+            ``kernel_core_i [G·r_i+1, r_i, K_i]``  along axis ``i`` of a
+                                              (d+1)-d conv whose first axis is
+                                              the ring bond (kernel 1)
+            ``output_core [C_out, r_d, r_z]``  1×1 from ``(r_d, r_z)``, bias
+=========  ===============================  =================================
+
+Stride, padding, dilation and padding mode act on the spatial stages, one axis
+at a time; the 1×1 stages stay plain. This is exact for every padding mode:
+padding copies (or zeroes) whole positions, so it commutes with the 1×1
+channel mixing and with convolutions along the other axes.
+
+The TR ring bond ``r_z`` is carried as an extra leading spatial axis with a
+one-tap kernel: the kernel cores act on every ring position alike, and
+summing over ring positions is what a convolution does with positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+from typing import Callable, Dict, Sequence, Tuple, Union
+
+from ..tn.spec import ConvSpec
+
+FACTORIZATIONS = ("cp", "tucker", "tt", "tr")
+
+#: Spatial letters of the layer's equation per number of spatial dimensions.
+SPATIAL_LETTERS = {1: "w", 2: "hw", 3: "thw"}
+#: Letters of the TT/TR bonds ``r_0, …, r_d`` and of the TR ring bond.
+BOND_LETTERS = "abdef"
+RING_LETTER = "z"
+
+Rank = Union[int, float, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Hyper-parameters of a factorized layer (those of its dense equivalent)."""
+
+    ndim: int
+    in_channels: int
+    out_channels: int
+    kernel_size: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    padding: Tuple[Tuple[int, int], ...]
+    dilation: Tuple[int, ...]
+    groups: int
+    bias: bool
+    padding_mode: str
+
+    @classmethod
+    def from_spec(cls, spec: ConvSpec) -> Geometry:
+        """The geometry of the dense convolution ``spec``."""
+        return cls(
+            spec.ndim,
+            spec.in_channels,
+            spec.out_channels,
+            spec.kernel_size,
+            spec.stride,
+            spec.padding,
+            spec.dilation,
+            spec.groups,
+            spec.bias,
+            spec.padding_mode,
+        )
+
+    @property
+    def spatial(self) -> str:
+        """The spatial letters of the layer's equation."""
+        return SPATIAL_LETTERS[self.ndim]
+
+    def dense_parameters(self) -> int:
+        """Number of entries of the dense kernel."""
+        return self.out_channels * self.in_channels // self.groups * prod(
+            self.kernel_size
+        )
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One factor and the stage convolution whose weight it is.
+
+    Attributes:
+        name: Parameter name on the layer.
+        shape: Stored shape (the stage weight without its unit kernel axes).
+        subscripts: Letters of the stored factor in the layer's equation,
+            without the group letter.
+        stage: The stage convolution (``ndim`` spatial axes, one more for a
+            TR kernel core).
+        ring: Size of the ring axis that the stage carries as its first
+            spatial axis (TR kernel cores), ``0`` if none.
+    """
+
+    name: str
+    shape: Tuple[int, ...]
+    subscripts: str
+    stage: ConvSpec
+    ring: int = 0
+
+
+# ---------------------------------------------------------------- stage specs
+def _stage(
+    geo: Geometry,
+    in_channels: int,
+    out_channels: int,
+    axes: Sequence[int] = (),
+    groups: int = 0,
+    bias: bool = False,
+    ring: int = 0,
+) -> ConvSpec:
+    """A stage conv that applies the layer's kernel geometry along ``axes``.
+
+    The other axes get a one-tap kernel, stride 1 and no padding; ``ring``
+    prepends such an axis.
+    """
+    kernel, stride, padding, dilation = [], [], [], []
+    for d in range(geo.ndim):
+        on = d in axes
+        kernel.append(geo.kernel_size[d] if on else 1)
+        stride.append(geo.stride[d] if on else 1)
+        padding.append(geo.padding[d] if on else (0, 0))
+        dilation.append(geo.dilation[d] if on else 1)
+    lead = 1 if ring else 0
+    return ConvSpec(
+        ndim=geo.ndim + lead,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=(1,) * lead + tuple(kernel),
+        stride=(1,) * lead + tuple(stride),
+        padding=((0, 0),) * lead + tuple(padding),
+        dilation=(1,) * lead + tuple(dilation),
+        groups=groups or geo.groups,
+        bias=bias,
+        padding_mode=geo.padding_mode if axes else "zeros",
+        output_padding=(0,) * (geo.ndim + lead),
+    )
+
+
+def _channels(geo: Geometry) -> Tuple[int, int, int]:
+    g = geo.groups
+    return g, geo.in_channels // g, geo.out_channels // g
+
+
+# -------------------------------------------------------------- factorizations
+def cp_factors(geo: Geometry, ranks: Tuple[int, ...]) -> Tuple[Factor, ...]:
+    """CP: ``x, [r c], [r k_1], …, [r k_d], [o r]`` (λ absorbed in the factors)."""
+    (rank,) = ranks
+    g, c, _ = _channels(geo)
+    width = g * rank
+    factors = [Factor("input_factor", (width, c), "rc", _stage(geo, geo.in_channels, width))]
+    for d, letter in enumerate(geo.spatial):
+        stage = _stage(geo, width, width, axes=(d,), groups=width)
+        shape = (width, geo.kernel_size[d])
+        factors.append(Factor(f"kernel_factor_{d}", shape, "r" + letter, stage))
+    out = _stage(geo, width, geo.out_channels, bias=geo.bias)
+    factors.append(Factor("output_factor", (geo.out_channels, rank), "or", out))
+    return tuple(factors)
+
+
+def tucker_factors(geo: Geometry, ranks: Tuple[int, ...]) -> Tuple[Factor, ...]:
+    """Tucker-2 on the channels: ``x, [a c], [b a *k], [o b]`` (the core keeps taps)."""
+    r_in, r_out = ranks
+    g, c, _ = _channels(geo)
+    core_stage = _stage(geo, g * r_in, g * r_out, axes=range(geo.ndim))
+    return (
+        Factor("input_factor", (g * r_in, c), "ac", _stage(geo, geo.in_channels, g * r_in)),
+        Factor("core", (g * r_out, r_in, *geo.kernel_size), "ba" + geo.spatial, core_stage),
+        Factor(
+            "output_factor",
+            (geo.out_channels, r_out),
+            "ob",
+            _stage(geo, g * r_out, geo.out_channels, bias=geo.bias),
+        ),
+    )
+
+
+def _kernel_cores(geo: Geometry, bonds: Sequence[int], ring: int) -> Tuple[Factor, ...]:
+    """TT/TR cores ``[G·r_i+1, r_i, K_i]``, one stage per spatial axis."""
+    g = geo.groups
+    cores = []
+    for d, letter in enumerate(geo.spatial):
+        r_in, r_out = bonds[d], bonds[d + 1]
+        stage = _stage(geo, g * r_in, g * r_out, axes=(d,), ring=ring)
+        subscripts = BOND_LETTERS[d + 1] + BOND_LETTERS[d] + letter
+        shape = (g * r_out, r_in, geo.kernel_size[d])
+        cores.append(Factor(f"kernel_core_{d}", shape, subscripts, stage, ring))
+    return tuple(cores)
+
+
+def tt_factors(geo: Geometry, ranks: Tuple[int, ...]) -> Tuple[Factor, ...]:
+    """TT in the order ``(C_in, K_1, …, K_d, C_out)`` with bonds ``r_0, …, r_d``."""
+    g, c, _ = _channels(geo)
+    first, last = BOND_LETTERS[0], BOND_LETTERS[geo.ndim]
+    return (
+        Factor("input_core", (g * ranks[0], c), first + "c", _stage(geo, geo.in_channels, g * ranks[0])),
+        *_kernel_cores(geo, ranks, ring=0),
+        Factor(
+            "output_core",
+            (geo.out_channels, ranks[-1]),
+            "o" + last,
+            _stage(geo, g * ranks[-1], geo.out_channels, bias=geo.bias),
+        ),
+    )
+
+
+def tr_factors(geo: Geometry, ranks: Tuple[int, ...]) -> Tuple[Factor, ...]:
+    """TR: TT's order with bonds ``r_0, …, r_d`` and the ring bond ``r_z`` last."""
+    g, c, _ = _channels(geo)
+    *bonds, ring = ranks
+    first, last = BOND_LETTERS[0], BOND_LETTERS[geo.ndim]
+    z = RING_LETTER
+    in_stage = _stage(geo, geo.in_channels, g * bonds[0] * ring)
+    out_stage = _stage(geo, g * bonds[-1] * ring, geo.out_channels, bias=geo.bias)
+    return (
+        Factor("input_core", (g * bonds[0], ring, c), first + z + "c", in_stage),
+        *_kernel_cores(geo, bonds, ring=ring),
+        Factor("output_core", (geo.out_channels, bonds[-1], ring), "o" + last + z, out_stage),
+    )
+
+
+BUILDERS: Dict[str, Callable[[Geometry, Tuple[int, ...]], Tuple[Factor, ...]]] = {
+    "cp": cp_factors,
+    "tucker": tucker_factors,
+    "tt": tt_factors,
+    "tr": tr_factors,
+}
+
+
+def build_factors(
+    factorization: str, geo: Geometry, ranks: Tuple[int, ...]
+) -> Tuple[Factor, ...]:
+    """The factors (and their stages) of a layer, in the order of its equation."""
+    return BUILDERS[factorization](geo, ranks)
+
+
+# ----------------------------------------------------------------------- ranks
+def rank_count(factorization: str, ndim: int) -> int:
+    """How many ranks a factorization takes."""
+    return {"cp": 1, "tucker": 2, "tt": ndim + 1, "tr": ndim + 2}[factorization]
+
+
+def factor_parameters(factorization: str, geo: Geometry, ranks: Tuple[int, ...]) -> int:
+    """Number of entries of all factors."""
+    return sum(prod(f.shape) for f in build_factors(factorization, geo, ranks))
+
+
+def resolve_ranks(
+    factorization: str, rank: Rank, geo: Geometry, layer: str = "FactorizedConv"
+) -> Tuple[int, ...]:
+    """Turn an int, a tuple or a compression ratio into the factorization's ranks.
+
+    A float ``ρ`` keeps at most ``ρ`` times the dense kernel's parameters: the
+    largest uniform rank (CP, TT, TR) or the largest ranks proportional to the
+    channels per group (Tucker-2) that fit, at least rank 1.
+
+    Raises:
+        ValueError: For an unknown factorization, a rank below 1, a tuple of
+            the wrong length or a non-positive ratio.
+    """
+    if factorization not in FACTORIZATIONS:
+        raise ValueError(
+            f"{layer}: factorization must be one of {FACTORIZATIONS}, got {factorization!r}"
+        )
+    count = rank_count(factorization, geo.ndim)
+    if isinstance(rank, bool):
+        raise ValueError(f"{layer}: rank must be an int, a tuple or a float, got {rank!r}")
+    if isinstance(rank, float):
+        if not rank > 0:
+            raise ValueError(f"{layer}: a compression ratio must be positive, got {rank}")
+        return _ranks_for_ratio(factorization, rank, geo, count)
+    if isinstance(rank, int):
+        ranks: Tuple[int, ...] = (rank,) * count
+    else:
+        try:
+            ranks = tuple(int(r) for r in rank)
+        except TypeError as error:
+            raise ValueError(
+                f"{layer}: rank must be an int, a tuple or a float, got {rank!r}"
+            ) from error
+    if len(ranks) != count:
+        raise ValueError(
+            f"{layer}: factorization {factorization!r} of a {geo.ndim}-d kernel takes "
+            f"{count} rank(s) ({_rank_names(factorization, geo.ndim)}), got {rank!r}"
+        )
+    if any(r < 1 for r in ranks):
+        raise ValueError(f"{layer}: ranks must be at least 1, got {rank!r}")
+    return ranks
+
+
+def _rank_names(factorization: str, ndim: int) -> str:
+    bonds = ", ".join(f"r_{i}" for i in range(ndim + 1))
+    return {
+        "cp": "R",
+        "tucker": "R_in, R_out",
+        "tt": bonds,
+        "tr": bonds + ", r_ring",
+    }[factorization]
+
+
+def _ranks_for_ratio(
+    factorization: str, ratio: float, geo: Geometry, count: int
+) -> Tuple[int, ...]:
+    budget = ratio * geo.dense_parameters()
+    g = geo.groups
+    c, o = geo.in_channels // g, geo.out_channels // g
+
+    def candidate(step: int) -> Tuple[int, ...]:
+        if factorization == "tucker":  # proportional to the channels per group
+            scale = step / max(c, o)
+            return (max(1, round(c * scale)), max(1, round(o * scale)))
+        return (step,) * count
+
+    best = candidate(1)
+    step = 2
+    while True:
+        ranks = candidate(step)
+        if factor_parameters(factorization, geo, ranks) > budget:
+            return best
+        best, step = ranks, step + 1
