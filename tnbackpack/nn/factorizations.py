@@ -99,8 +99,8 @@ class Geometry:
 
     def dense_parameters(self) -> int:
         """Number of entries of the dense kernel."""
-        return self.out_channels * self.in_channels // self.groups * prod(
-            self.kernel_size
+        return (
+            self.out_channels * self.in_channels // self.groups * prod(self.kernel_size)
         )
 
 
@@ -175,7 +175,9 @@ def cp_factors(geo: Geometry, ranks: Tuple[int, ...]) -> Tuple[Factor, ...]:
     (rank,) = ranks
     g, c, _ = _channels(geo)
     width = g * rank
-    factors = [Factor("input_factor", (width, c), "rc", _stage(geo, geo.in_channels, width))]
+    factors = [
+        Factor("input_factor", (width, c), "rc", _stage(geo, geo.in_channels, width))
+    ]
     for d, letter in enumerate(geo.spatial):
         stage = _stage(geo, width, width, axes=(d,), groups=width)
         shape = (width, geo.kernel_size[d])
@@ -191,8 +193,12 @@ def tucker_factors(geo: Geometry, ranks: Tuple[int, ...]) -> Tuple[Factor, ...]:
     g, c, _ = _channels(geo)
     core_stage = _stage(geo, g * r_in, g * r_out, axes=range(geo.ndim))
     return (
-        Factor("input_factor", (g * r_in, c), "ac", _stage(geo, geo.in_channels, g * r_in)),
-        Factor("core", (g * r_out, r_in, *geo.kernel_size), "ba" + geo.spatial, core_stage),
+        Factor(
+            "input_factor", (g * r_in, c), "ac", _stage(geo, geo.in_channels, g * r_in)
+        ),
+        Factor(
+            "core", (g * r_out, r_in, *geo.kernel_size), "ba" + geo.spatial, core_stage
+        ),
         Factor(
             "output_factor",
             (geo.out_channels, r_out),
@@ -220,7 +226,12 @@ def tt_factors(geo: Geometry, ranks: Tuple[int, ...]) -> Tuple[Factor, ...]:
     g, c, _ = _channels(geo)
     first, last = BOND_LETTERS[0], BOND_LETTERS[geo.ndim]
     return (
-        Factor("input_core", (g * ranks[0], c), first + "c", _stage(geo, geo.in_channels, g * ranks[0])),
+        Factor(
+            "input_core",
+            (g * ranks[0], c),
+            first + "c",
+            _stage(geo, geo.in_channels, g * ranks[0]),
+        ),
         *_kernel_cores(geo, ranks, ring=0),
         Factor(
             "output_core",
@@ -242,7 +253,12 @@ def tr_factors(geo: Geometry, ranks: Tuple[int, ...]) -> Tuple[Factor, ...]:
     return (
         Factor("input_core", (g * bonds[0], ring, c), first + z + "c", in_stage),
         *_kernel_cores(geo, bonds, ring=ring),
-        Factor("output_core", (geo.out_channels, bonds[-1], ring), "o" + last + z, out_stage),
+        Factor(
+            "output_core",
+            (geo.out_channels, bonds[-1], ring),
+            "o" + last + z,
+            out_stage,
+        ),
     )
 
 
@@ -287,14 +303,19 @@ def resolve_ranks(
     """
     if factorization not in FACTORIZATIONS:
         raise ValueError(
-            f"{layer}: factorization must be one of {FACTORIZATIONS}, got {factorization!r}"
+            f"{layer}: factorization must be one of {FACTORIZATIONS}, "
+            f"got {factorization!r}"
         )
     count = rank_count(factorization, geo.ndim)
     if isinstance(rank, bool):
-        raise ValueError(f"{layer}: rank must be an int, a tuple or a float, got {rank!r}")
+        raise ValueError(
+            f"{layer}: rank must be an int, a tuple or a float, got {rank!r}"
+        )
     if isinstance(rank, float):
         if not rank > 0:
-            raise ValueError(f"{layer}: a compression ratio must be positive, got {rank}")
+            raise ValueError(
+                f"{layer}: a compression ratio must be positive, got {rank}"
+            )
         return _ranks_for_ratio(factorization, rank, geo, count)
     if isinstance(rank, int):
         ranks: Tuple[int, ...] = (rank,) * count

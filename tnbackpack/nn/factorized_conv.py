@@ -108,8 +108,10 @@ class FactorizedConvNd(nn.Module):
         self.out_channels = out_channels
         self.kernel_size = spec.kernel_size
         self.stride = spec.stride
-        self.padding = padding if isinstance(padding, str) else tuple(
-            left for left, _ in spec.padding
+        self.padding = (
+            padding
+            if isinstance(padding, str)
+            else tuple(left for left, _ in spec.padding)
         )
         self.dilation = spec.dilation
         self.groups = groups
@@ -161,7 +163,11 @@ class FactorizedConvNd(nn.Module):
     def _letters(self) -> Tuple[str, str, str]:
         group = "g" if self.groups > 1 else ""
         spatial = Geometry.from_spec(self.dense_spec()).spatial
-        return group, spatial, ",".join(group + f.subscripts for f in self.factor_plan())
+        return (
+            group,
+            spatial,
+            ",".join(group + f.subscripts for f in self.factor_plan()),
+        )
 
     @property
     def equation(self) -> str:
@@ -172,9 +178,7 @@ class FactorizedConvNd(nn.Module):
         leading group axis (letter ``g``).
         """
         group, spatial, factors = self._letters()
-        return (
-            f"n{group}c{spatial},{factors}->n{group}o{spatial}|{spatial}"
-        )
+        return f"n{group}c{spatial},{factors}->n{group}o{spatial}|{spatial}"
 
     def einsum_operands(self, x: Tensor) -> List[Tensor]:
         """The input and the factors, viewed as the :attr:`equation` reads them."""
@@ -211,7 +215,9 @@ class FactorizedConvNd(nn.Module):
 
     def forward_stages(self, x: Tensor) -> Tensor:
         """The layer output computed stage by stage (ordinary convolutions)."""
-        return stages.run_stages(self.factor_plan(), self.factor_tensors(), x, self.bias)[0]
+        return stages.run_stages(
+            self.factor_plan(), self.factor_tensors(), x, self.bias
+        )[0]
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.ndim != self.ndim + 2:
@@ -306,7 +312,8 @@ class FactorizedConvNd(nn.Module):
         """PyTorch's conv summary plus the factorization and its ranks."""
         text = (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"factorization={self.factorization!r}, rank={self.rank}, stride={self.stride}"
+            f"factorization={self.factorization!r}, rank={self.rank}, "
+            f"stride={self.stride}"
         )
         if self.padding != (0,) * self.ndim:
             text += f", padding={self.padding!r}"

@@ -16,6 +16,17 @@ from ..tn import functional, torch_routes
 from .factorizations import Factor
 
 
+def _ringed(factor: Factor, activation: Tensor, channels: int, lead: int) -> Tensor:
+    spatial = factor.stage.ndim - (1 if factor.ring else 0)
+    ring = (factor.ring,) if factor.ring else ()
+    return activation.reshape(
+        *activation.shape[: lead + 1],
+        channels,
+        *ring,
+        *activation.shape[activation.ndim - spatial :],
+    )
+
+
 def stage_view(factor: Factor, activation: Tensor, lead: int = 0) -> Tensor:
     """``activation [*lead, N, C, *S]`` in the layout ``factor``'s stage reads.
 
@@ -25,21 +36,20 @@ def stage_view(factor: Factor, activation: Tensor, lead: int = 0) -> Tensor:
             ``lead`` extra leading axes (e.g. vectors).
         lead: Number of axes before the batch axis.
     """
-    spec = factor.stage
-    spatial = spec.ndim - (1 if factor.ring else 0)
-    ring = (factor.ring,) if factor.ring else ()
-    return activation.reshape(
-        *activation.shape[: lead + 1],
-        spec.in_channels,
-        *ring,
-        *activation.shape[activation.ndim - spatial :],
-    )
+    return _ringed(factor, activation, factor.stage.in_channels, lead)
+
+
+def output_view(factor: Factor, activation: Tensor, lead: int = 0) -> Tensor:
+    """``[*lead, N, C, *S]`` in the layout that ``factor``'s stage writes."""
+    return _ringed(factor, activation, factor.stage.out_channels, lead)
 
 
 def flat_view(activation: Tensor, layer_ndim: int, lead: int = 0) -> Tensor:
     """A stage output ``[*lead, N, C, (r_z,) *S]`` as ``[*lead, N, C', *S]``."""
     return activation.reshape(
-        *activation.shape[: lead + 1], -1, *activation.shape[activation.ndim - layer_ndim :]
+        *activation.shape[: lead + 1],
+        -1,
+        *activation.shape[activation.ndim - layer_ndim :],
     )
 
 
