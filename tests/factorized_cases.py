@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any, Dict, Tuple
 
@@ -131,7 +132,7 @@ class Case:
 def model_pair(case: Case, seed: int = 0) -> Tuple[nn.Sequential, nn.Sequential]:
     """The network with the factorized layer, and the same with its rebuilt conv.
 
-    Both share every parameter object (and name).
+    Both have the same parameter names and values; the factors are shared.
     """
     torch.manual_seed(seed)
     dense = DENSE[case.ndim]
@@ -142,8 +143,15 @@ def model_pair(case: Case, seed: int = 0) -> Tuple[nn.Sequential, nn.Sequential]
         width = features(case.x()).shape[1]
     head = nn.Linear(width, 3).double()
     model = nn.Sequential(first, nn.ReLU(), layer, nn.Sigmoid(), nn.Flatten(), head)
+    # copies of the plain layers: BackPACK's hooks on the extended model's
+    # modules must not run inside torch.func transforms of the reference
     reference = nn.Sequential(
-        first, nn.ReLU(), RebuiltConv(layer), nn.Sigmoid(), nn.Flatten(), head
+        deepcopy(first),
+        nn.ReLU(),
+        RebuiltConv(layer),
+        nn.Sigmoid(),
+        nn.Flatten(),
+        deepcopy(head),
     )
     return model, reference
 
