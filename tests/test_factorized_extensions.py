@@ -208,7 +208,6 @@ def _mc_truth(reference, x, y, seed, mc_samples):
 def test_monte_carlo(case: Case):
     """DiagGGNMC, BatchDiagGGNMC and SqrtGGNMC reproduce BackPACK's draw."""
     model, reference, x, y = data(case)
-    loss_fn = nn.CrossEntropyLoss()
     seed, samples = 5, 2
     results = {}
     for extension in (
