@@ -1,0 +1,361 @@
+"""One contraction step: two tensors with named letters into a part.
+
+A step between two intermediates is dispatched to
+
+- ``einsum``: no convolution letter is shared (a matrix product, batched);
+- ``conv``: every shared convolution letter pairs a signal-side leg (negative
+  coefficient) with a kernel-side leg: one grouped ``F.conv1d/2d/3d``, or
+  PyTorch's weight-gradient kernel when the "kernel" is larger than the result;
+- ``transposed``: every shared convolution letter pairs two kernel-side legs
+  (e.g. a gradient with a kernel, or two kernels merging): one grouped
+  ``F.conv_transpose1d/2d/3d``;
+- ``pattern``: anything else (mixed roles, more than three shared letters):
+  the letters' index patterns are built as 0/1 tensors and contracted by
+  ``torch.einsum``.
+
+Roles of the other letters in a convolution step: letters of one side only
+are its batch (signal side) or output channels (kernel side); letters of both
+sides are groups (kept) or input channels (summed). Convolution letters of the
+signal side that the kernel side lacks ride along as spatial dimensions with
+a kernel of size 1, which avoids moving them into the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .legs import Leg, Part
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+@dataclass(frozen=True)
+class Side:
+    """Letters of one operand of a step, with sizes and legs."""
+
+    letters: str
+    sizes: Tuple[int, ...]
+    legs: Tuple[Tuple[str, Leg], ...]
+
+    @staticmethod
+    def of(part: Part) -> Side:
+        """The side described by a part."""
+        return Side(part.letters, part.sizes, part.legs)
+
+    def size(self, letter: str) -> int:
+        """Size of ``letter``."""
+        return self.sizes[self.letters.index(letter)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Roles of the letters in a convolution step, and per-letter numbers.
+
+    Attributes:
+        method: ``"conv"``, ``"wgrad"`` or ``"transposed"``.
+        swap: The second operand is the signal side.
+        batch, group, cin, cout: Letters in these roles.
+        spatial: Convolution letters of the step (shared ones, then the
+            signal side's ride-along letters).
+        closed: Shared letters the step sums out (size-1 results).
+        stride, dilation: Per spatial letter.
+        pad: Per spatial letter ``(left, right)`` padding (negative crops)
+            of the signal side (``conv``/``wgrad``), or ``(start, step)``
+            of the window cut from the full output (``transposed``).
+        in_sizes, kernel_sizes, out_sizes: Per spatial letter.
+    """
+
+    method: str
+    swap: bool
+    batch: str
+    group: str
+    cin: str
+    cout: str
+    spatial: str
+    closed: str
+    stride: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    pad: Tuple[Tuple[int, int], ...]
+    in_sizes: Tuple[int, ...]
+    kernel_sizes: Tuple[int, ...]
+    out_sizes: Tuple[int, ...]
+
+
+def _sizes(side: Side, letters: str) -> int:
+    return math.prod(side.size(c) for c in letters)
+
+
+def layout(a: Side, b: Side, out: Part) -> Optional[Layout]:
+    """The convolution layout of a step, ``None`` if it needs a pattern.
+
+    Only valid when the two sides share at least one convolution letter.
+    """
+    legs_a, legs_b, legs_out = dict(a.legs), dict(b.legs), dict(out.legs)
+    shared = [c for c in a.letters if c in legs_a and c in legs_b]
+    signs = {(legs_a[c].coef < 0, legs_b[c].coef < 0) for c in shared}
+    if len(signs) != 1 or not shared:
+        return None
+    sign = signs.pop()
+    if sign == (False, True):
+        a, b, legs_a, legs_b = b, a, legs_b, legs_a
+    transposed = sign == (False, False)
+    ride = [c for c in a.letters if c in legs_a and c not in b.letters]
+    if len(shared) + len(ride) > 3:
+        ride = []
+    if len(shared) + len(ride) > 3:
+        return None
+    spatial = "".join(shared + ride)
+    batch = "".join(c for c in a.letters if c not in b.letters and c not in ride)
+    group = "".join(c for c in a.letters if c in b.letters and c not in legs_a and c in out.letters)
+    cin = "".join(c for c in a.letters if c in b.letters and c not in legs_a and c not in out.letters)
+    cout = "".join(c for c in b.letters if c not in a.letters)
+    closed = "".join(c for c in shared if c not in out.letters)
+    stride, dilation, pad, n_in, n_k, n_out = [], [], [], [], [], []
+    for c in spatial:
+        la = legs_a[c]
+        if c in ride:
+            stride.append(1), dilation.append(1), pad.append((0, 1) if transposed else (0, 0))
+            n_in.append(la.size), n_k.append(1), n_out.append(la.size)
+            continue
+        lb = legs_b[c]
+        if transposed:
+            g = math.gcd(la.coef, lb.coef)
+            lm = legs_out.get(c, Leg(g, 0, 1))
+            shift = lm.coef * lm.offset - la.coef * la.offset - lb.coef * lb.offset
+            if lm.coef % g or shift % g:
+                return None
+            stride.append(la.coef // g), dilation.append(lb.coef // g)
+            pad.append((shift // g, lm.coef // g))
+        else:
+            alpha, beta = -la.coef, lb.coef
+            lm = legs_out.get(c, Leg(-alpha, 0, 1))
+            gamma = -lm.coef
+            shift = gamma * lm.offset + beta * lb.offset
+            if beta % alpha or gamma % alpha or shift % alpha or gamma < 0:
+                return None
+            s, d = gamma // alpha, beta // alpha
+            delta = shift // alpha - la.offset
+            need = s * (lm.size - 1) + d * (lb.size - 1) + 1
+            stride.append(s), dilation.append(d)
+            pad.append((-delta, need + delta - la.size))
+        n_in.append(la.size), n_k.append(lb.size), n_out.append(lm.size)
+    method = "transposed" if transposed else "conv"
+    if not transposed and math.prod(n_k) > math.prod(n_out) and not ride:
+        method = "wgrad"  # the "kernel" is the larger side: a weight gradient
+    return Layout(
+        method, sign == (False, True), batch, group, cin, cout, spatial, closed,
+        tuple(stride), tuple(dilation), tuple(pad), tuple(n_in), tuple(n_k),
+        tuple(n_out),
+    )  # fmt: skip
+
+
+def _arrange(t: Tensor, letters: str, order: str) -> Tensor:
+    """Permute ``t`` (axes named by ``letters``) to ``order``."""
+    return t.permute([letters.index(c) for c in order])
+
+
+def _pad_dims(t: Tensor, first: int, pads: List[Tuple[int, int]]) -> Tensor:
+    """Pad (negative: crop) dims ``first, first+1, ..`` with zeros."""
+    if all(p == (0, 0) for p in pads):
+        return t
+    spec: List[int] = [0, 0] * (t.ndim - first - len(pads))
+    for left, right in reversed(pads):
+        spec += [left, right]
+    return F.pad(t, spec)
+
+
+def run_conv(lay: Layout, a: Tensor, la: str, b: Tensor, lb: str) -> Tuple[Tensor, str]:
+    """Run a convolution step; returns the result and its letters."""
+    if lay.swap:
+        a, la, b, lb = b, lb, a, la
+    sizes = dict(zip(la, a.shape))
+    sizes.update(zip(lb, b.shape))
+    num = len(lay.spatial)
+    groups = math.prod(sizes[c] for c in lay.group)
+    n_batch = math.prod(sizes[c] for c in lay.batch)
+    n_cin = math.prod(sizes[c] for c in lay.cin)
+    n_cout = math.prod(sizes[c] for c in lay.cout)
+    kernel_order = lay.spatial
+    b_full = b
+    for c in lay.spatial:
+        if c not in lb:
+            b_full, lb = b_full.unsqueeze(-1), lb + c
+    if lay.method == "transposed":
+        x = _arrange(a, la, lay.batch + lay.group + lay.cin + lay.spatial)
+        x = x.reshape(n_batch, groups * n_cin, *lay.in_sizes)
+        w = _arrange(b_full, lb, lay.group + lay.cin + lay.cout + kernel_order)
+        w = w.reshape(groups * n_cin, n_cout, *lay.kernel_sizes)
+        crop = []
+        for n_in, n_k, s, d, (start, step), n_out in zip(
+            lay.in_sizes, lay.kernel_sizes, lay.stride, lay.dilation, lay.pad, lay.out_sizes
+        ):
+            full = s * (n_in - 1) + d * (n_k - 1) + 1
+            last = start + step * (n_out - 1)
+            crop.append(max(0, min(start, full - 1 - last)))
+        y = _CONV_T[num](x, w, stride=lay.stride, padding=crop, dilation=lay.dilation, groups=groups)
+        y = _windows(y, 2, [(start - p, step) for (start, step), p in zip(lay.pad, crop)], lay.out_sizes)
+    else:
+        if lay.method == "wgrad":
+            x = _arrange(a, la, lay.cin + lay.group + lay.batch + lay.spatial)
+            x = x.reshape(n_cin, groups * n_batch, *lay.in_sizes)
+            g = _arrange(b_full, lb, lay.cin + lay.group + lay.cout + kernel_order)
+            g = g.reshape(n_cin, groups * n_cout, *lay.kernel_sizes)
+            x = _pad_dims(x, 2, list(lay.pad))
+            weight = x.new_empty(()).expand(groups * n_cout, n_batch, *lay.out_sizes)
+            y = torch.ops.aten.convolution_backward(
+                g, x, weight, None, list(lay.dilation), [0] * num, list(lay.stride),
+                False, [0] * num, groups, [False, True, False],
+            )[1]  # fmt: skip
+            y = y.reshape(groups, n_cout, n_batch, *lay.out_sizes)
+            letters = lay.group + lay.cout + lay.batch + lay.spatial
+            y = y.reshape([sizes[c] for c in letters[: -num]] + list(lay.out_sizes))
+            return _squeeze(y, letters, lay.closed)
+        x = _arrange(a, la, lay.batch + lay.group + lay.cin + lay.spatial)
+        x = x.reshape(n_batch, groups * n_cin, *lay.in_sizes)
+        w = _arrange(b_full, lb, lay.group + lay.cout + lay.cin + kernel_order)
+        w = w.reshape(groups * n_cout, n_cin, *lay.kernel_sizes)
+        symmetric = all(left == right >= 0 for left, right in lay.pad)
+        padding = [left for left, _ in lay.pad] if symmetric else 0
+        if not symmetric:
+            x = _pad_dims(x, 2, list(lay.pad))
+        y = _CONV[num](x, w, stride=lay.stride, padding=padding, dilation=lay.dilation, groups=groups)
+    letters = lay.batch + lay.group + lay.cout + lay.spatial
+    y = y.reshape([sizes[c] for c in lay.batch + lay.group + lay.cout] + list(lay.out_sizes))
+    return _squeeze(y, letters, lay.closed)
+
+
+def _squeeze(y: Tensor, letters: str, closed: str) -> Tuple[Tensor, str]:
+    if not closed:
+        return y, letters
+    keep = [i for i, c in enumerate(letters) if c not in closed]
+    y = y.reshape([y.shape[i] for i in keep])
+    return y, "".join(letters[i] for i in keep)
+
+
+def _windows(y: Tensor, first: int, cuts: List[Tuple[int, int]], sizes) -> Tensor:
+    """Cut ``[start::step][:size]`` from dims ``first..``, zeros outside."""
+    for dim, ((start, step), size) in enumerate(zip(cuts, sizes), start=first):
+        y = window(y, dim, start, step, size)
+    return y
+
+
+def window(t: Tensor, dim: int, start: int, step: int, size: int) -> Tensor:
+    """``t[start + step·p]`` along ``dim`` for ``p < size``; zeros outside ``t``."""
+    length = t.shape[dim]
+    if start == 0 and step == 1 and size == length:
+        return t
+    first = max(0, -(-(-start) // step)) if start < 0 else 0  # first p inside
+    last = min(size - 1, (length - 1 - start) // step)
+    if last < first:
+        shape = list(t.shape)
+        shape[dim] = size
+        return t.new_zeros(shape)
+    lo = start + step * first
+    inner = t.narrow(dim, lo, step * (last - first) + 1)
+    if step > 1:
+        index = [slice(None)] * t.ndim
+        index[dim] = slice(None, None, step)
+        inner = inner[tuple(index)]
+    return pad_dim(inner, dim, first, size - 1 - last)
+
+
+def pad_dim(t: Tensor, dim: int, left: int, right: int) -> Tensor:
+    """Zero-pad (negative: crop) one dimension."""
+    if left == 0 and right == 0:
+        return t
+    spec = [0, 0] * (t.ndim - 1 - dim) + [left, right]
+    return F.pad(t, spec)
+
+
+def reindex(t: Tensor, dim: int, src: Leg, dst: Leg) -> Tensor:
+    """Move a leg from ``src``'s positions to ``dst``'s (zeros where none)."""
+    if src == dst:
+        return t
+    positions = [src.position(dst.coef * (p + dst.offset)) for p in range(dst.size)]
+    found = [(p, m) for p, m in enumerate(positions) if m is not None]
+    if not found:
+        shape = list(t.shape)
+        shape[dim] = dst.size
+        return t.new_zeros(shape)
+    (p0, m0), (p1, m1) = found[0], found[-1]
+    step = (m1 - m0) // (p1 - p0) if p1 > p0 else 1
+    regular = len(found) == p1 - p0 + 1 and step > 0 and all(
+        m == m0 + step * (p - p0) for p, m in found
+    )
+    if regular:
+        return window(t, dim, m0 - step * p0, step, dst.size)
+    index = torch.tensor([m if m is not None else 0 for m in positions], device=t.device)
+    mask = torch.tensor([m is not None for m in positions], device=t.device, dtype=t.dtype)
+    shape = [1] * t.ndim
+    shape[dim] = dst.size
+    return t.index_select(dim, index) * mask.reshape(shape)
+
+
+def pattern_tensor(a: Leg, b: Leg, m: Optional[Leg], dtype, device) -> Tensor:
+    """0/1 tensor ``T[p_a, p_b(, p_m)]``: the legs' values cancel."""
+    va = a.coef * (torch.arange(a.size, device=device) + a.offset)
+    vb = b.coef * (torch.arange(b.size, device=device) + b.offset)
+    total = va[:, None] + vb[None, :]
+    if m is None:
+        return (total == 0).to(dtype)
+    vm = m.coef * (torch.arange(m.size, device=device) + m.offset)
+    return (total[:, :, None] == vm[None, None, :]).to(dtype)
+
+
+def run_pattern(a: Tensor, la: str, legs_a: Dict[str, Leg], b: Tensor, lb: str,
+                legs_b: Dict[str, Leg], out: Part) -> Tuple[Tensor, str]:
+    """A step through materialized index patterns (any roles, any count)."""
+    legs_out = dict(out.legs)
+    free = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [
+        chr(c) for c in range(ord("a"), ord("z") + 1)
+    ]
+    free = [c for c in free if c not in la + lb]
+    ta, tb, operands, subs = list(la), list(lb), [], []
+    for c in la:
+        if c in legs_a and c in legs_b:
+            sa, sb = free.pop(), free.pop()
+            ta[la.index(c)], tb[lb.index(c)] = sa, sb
+            keep = c in out.letters
+            operands.append(pattern_tensor(legs_a[c], legs_b[c], legs_out.get(c) if keep else None, a.dtype, a.device))
+            subs.append(sa + sb + (c if keep else ""))
+    equation = ",".join(["".join(ta), "".join(tb)] + subs) + "->" + out.letters
+    return torch.einsum(equation, a, b, *operands), out.letters
+
+
+def run_matmul(a: Tensor, la: str, b: Tensor, lb: str, out: str) -> Tuple[Tensor, str]:
+    """A step without shared convolution letters, as one batched matrix product.
+
+    The larger operand keeps its memory layout: its letters before the first
+    contracted one become the batch of ``bmm`` (the smaller operand is
+    broadcast over them with stride 0), the ones after it the columns. So
+    ``nchw,rc->nrhw`` reads ``x`` in place and writes ``nrhw`` without a copy,
+    where ``torch.einsum`` would permute ``x``.
+    """
+    if a.numel() < b.numel():
+        a, la, b, lb = b, lb, a, la
+    contracted = [c for c in la if c in lb and c not in out]
+    shared = [c for c in la if c in lb and c in out]
+    if not contracted or shared:
+        return torch.einsum(f"{la},{lb}->{out}", a, b), out
+    first = la.index(contracted[0])
+    outer = la[:first]
+    inner = "".join(c for c in la[first:] if c not in contracted)
+    small_free = "".join(c for c in lb if c not in contracted)
+    sizes = dict(zip(la, a.shape))
+    sizes.update(zip(lb, b.shape))
+    n_outer = math.prod(sizes[c] for c in outer)
+    n_k = math.prod(sizes[c] for c in contracted)
+    n_inner = math.prod(sizes[c] for c in inner)
+    n_small = math.prod(sizes[c] for c in small_free)
+    big = _arrange(a, la, outer + "".join(contracted) + inner).reshape(n_outer, n_k, n_inner)
+    small = _arrange(b, lb, small_free + "".join(contracted)).reshape(1, n_small, n_k)
+    result = torch.bmm(small.expand(n_outer, n_small, n_k), big)
+    letters = outer + small_free + inner
+    return result.reshape([sizes[c] for c in letters]), letters
