@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..tn.conv_einsum import conv_einsum
 from ..tn.spec import ConvSpec, IntOrTuple
 from . import stages
 from .factorizations import (
@@ -209,9 +210,21 @@ class FactorizedConvNd(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
-        """The layer output ``[N, C_out, *O]``."""
+        """The layer output ``[N, C_out, *O]``: :attr:`equation` by conv_einsum."""
         self._check_input(x)
-        return self.forward_stages(x)
+        out = conv_einsum(
+            self.equation,
+            *self.einsum_operands(x),
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            padding_mode=self.padding_mode,
+        )
+        if self.groups > 1:
+            out = out.flatten(1, 2)
+        if self.bias is not None:
+            out = out + self.bias.reshape(-1, *(1,) * self.ndim)
+        return out
 
     def forward_stages(self, x: Tensor) -> Tensor:
         """The layer output computed stage by stage (ordinary convolutions)."""
