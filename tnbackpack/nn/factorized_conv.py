@@ -224,7 +224,9 @@ class FactorizedConvNd(nn.Module):
             out = out.flatten(1, 2)
         if self.bias is not None:
             out = out + self.bias.reshape(-1, *(1,) * self.ndim)
-        return out
+        # the evaluation order may leave a permuted layout; later layers (and
+        # BackPACK's rules for them) expect PyTorch's contiguous one
+        return out.contiguous()
 
     def forward_stages(self, x: Tensor) -> Tensor:
         """The layer output computed stage by stage (ordinary convolutions)."""
