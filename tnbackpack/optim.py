@@ -23,8 +23,11 @@ Layouts, per parameter:
   even for grouped layers).
 
 Factors are either 2-d (one block, BackPACK's layout) or stacked ``[G, d, d]``
-(tnbackpack's layout for grouped convolutions). Parameters of other layers
-(e.g. normalization layers) keep their gradients.
+(tnbackpack's layout for grouped convolutions). Each factor of a
+``tnbackpack.nn.FactorizedConv{1,2,3}d`` is preconditioned as the weight of its
+stage convolution (its Kronecker factors are that stage's), viewed in the
+stage weight's shape. Parameters of other layers (e.g. normalization layers)
+keep their gradients.
 
 Typical use, as in ``examples/demo.py``:
 
@@ -52,6 +55,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .nn.factorized_conv import FACTORIZED_CONV_TYPES
+
 __all__ = ["KFACPreconditioner", "SUPPORTED_LAYERS"]
 
 #: Layer types whose parameters are preconditioned.
@@ -78,6 +83,12 @@ class _Block:
     is_weight: bool
     factors: Optional[List[Tensor]] = None
     eigen: List[Tuple[Tensor, Tensor]] = field(default_factory=list)
+    #: Shape to view the parameter in first (a factor's stage weight shape).
+    view: Optional[Tuple[int, ...]] = None
+
+    def as_weight(self, tensor: Tensor) -> Tensor:
+        """A parameter-shaped tensor in the layout its factors describe."""
+        return tensor if self.view is None else tensor.reshape(self.view)
 
 
 def to_blocks(
@@ -178,6 +189,9 @@ class KFACPreconditioner:
         self.steps = 0
         self.blocks: List[_Block] = []
         for module_name, module in model.named_modules():
+            if isinstance(module, FACTORIZED_CONV_TYPES):
+                self._add_factorized(module_name, module)
+                continue
             if not isinstance(module, SUPPORTED_LAYERS):
                 continue
             for param_name in ("weight", "bias"):
@@ -188,6 +202,19 @@ class KFACPreconditioner:
                 self.blocks.append(
                     _Block(name, param, module, is_weight=param_name == "weight")
                 )
+
+    def _add_factorized(self, module_name: str, module: nn.Module) -> None:
+        """One block per factor (viewed as its stage weight) and the bias."""
+        prefix = f"{module_name}." if module_name else ""
+        for factor in module.factor_plan():
+            param = getattr(module, factor.name)
+            if param.requires_grad:
+                view = factor.stage.weight_shape()
+                self.blocks.append(
+                    _Block(prefix + factor.name, param, module, True, view=view)
+                )
+        if module.bias is not None and module.bias.requires_grad:
+            self.blocks.append(_Block(prefix + "bias", module.bias, module, False))
 
     # ----------------------------------------------------------------- factors
     def _read_factors(self, block: _Block) -> Optional[List[Tensor]]:
@@ -206,7 +233,9 @@ class KFACPreconditioner:
             f.detach() if f.ndim == 3 else f.detach().unsqueeze(0) for f in stored
         ]
         groups = factors[0].shape[0]
-        matrix = to_blocks(block.param, block.module, block.is_weight, groups)
+        matrix = to_blocks(
+            block.as_weight(block.param), block.module, block.is_weight, groups
+        )
         sizes = [matrix.shape[1]] + ([matrix.shape[2]] if block.is_weight else [])
         for factor, size in zip(factors, sizes):
             if factor.shape != (groups, size, size):
@@ -276,7 +305,9 @@ class KFACPreconditioner:
     def apply(self, block: _Block, grad: Tensor) -> Tensor:
         """``(B ⊗ A + λ I)⁻¹ grad`` for one parameter (``B + λ I`` for a bias)."""
         (values_b, q_b), *rest = block.eigen
-        matrix = to_blocks(grad, block.module, block.is_weight, q_b.shape[0])
+        matrix = to_blocks(
+            block.as_weight(grad), block.module, block.is_weight, q_b.shape[0]
+        )
         rotated = q_b.transpose(1, 2) @ matrix
         if rest:
             values_a, q_a = rest[0]

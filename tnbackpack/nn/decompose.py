@@ -139,7 +139,8 @@ def factorize_conv(
     expected = getattr(nn, _DENSE_NAMES[cls.ndim])
     if type(conv) is not expected:
         raise TypeError(
-            f"{cls.__name__}.from_conv expects an nn.{expected.__name__}, got {type(conv).__name__}"
+            f"{cls.__name__}.from_conv expects an nn.{expected.__name__}, "
+            f"got {type(conv).__name__}"
         )
     _tensorly()
     layer = cls(
