@@ -202,3 +202,13 @@ def test_initialization_matches_pytorch_output_variance(factorization):
 def test_dense_classes_match():
     for ndim, cls in LAYERS.items():
         assert cls.ndim == ndim and DENSE[ndim] is type(cls(2, 2, 1, 1).to_conv())
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt"])
+def test_to_stages(factorization):
+    kwargs = dict(padding="same", padding_mode="circular", groups=2, dilation=(2, 1))
+    layer = LAYERS[2](4, 6, (3, 2), RANKS[factorization], factorization, **kwargs)
+    x = torch.randn(2, 4, 7, 6)
+    torch.testing.assert_close(layer.to_stages()(x), layer(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="ring"):
+        LAYERS[2](4, 6, 3, 2, "tr").to_stages()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -32,6 +33,12 @@ def parse(argv: Optional[List[str]] = None) -> Settings:
         action="store_true",
         help=f"cases {','.join(QUICK_CASES)}, extensions {','.join(QUICK_EXTENSIONS)}, "
         "3 repeats, output docs/benchmarks/quick (other options still apply)",
+    )
+    parser.add_argument(
+        "--factorized",
+        action="store_true",
+        help="benchmark factorized convolutions instead (tnbackpack.benchmark."
+        "factorized; its own options, see --factorized --help)",
     )
     parser.add_argument("--cases", help=f"comma list of: {','.join(CASES)}")
     parser.add_argument(
@@ -108,7 +115,13 @@ def parse(argv: Optional[List[str]] = None) -> Settings:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Run the benchmark."""
+    """Run the benchmark (or, with ``--factorized``, that of factorized layers)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--factorized" in argv:
+        from .factorized import main as factorized_main
+
+        factorized_main([a for a in argv if a != "--factorized"])
+        return
     run(parse(argv))
 
 

@@ -304,6 +304,47 @@ class FactorizedConvNd(nn.Module):
                 conv.bias.copy_(self.bias)
         return conv
 
+    def to_stages(self) -> nn.Sequential:
+        """The layer as an ``nn.Sequential`` of its stage convolutions (copies).
+
+        What a user without factorized-layer support would write (and what
+        BackPACK's own extensions can process).
+
+        Raises:
+            ValueError: For ``"tr"``: its kernel-core stages carry the ring
+                bond as an extra spatial axis, which needs reshapes between
+                the stages, not a plain sequence of convolutions.
+        """
+        if self.factorization == "tr":
+            raise ValueError(
+                f"{type(self).__name__}.to_stages: the tensor ring's stages need "
+                "reshapes of the ring bond between them; use forward_stages"
+            )
+        stages = []
+        for factor, tensor in zip(self.factor_plan(), self.factor_tensors()):
+            spec = factor.stage
+            # 'same' of the layer is 'same' of each stage (0 where a tap is 1)
+            same = self.padding == "same"
+            conv = _DENSE[spec.ndim](
+                spec.in_channels,
+                spec.out_channels,
+                spec.kernel_size,
+                stride=spec.stride,
+                padding="same" if same else tuple(left for left, _ in spec.padding),
+                dilation=spec.dilation,
+                groups=spec.groups,
+                bias=spec.bias,
+                padding_mode=spec.padding_mode,
+                device=tensor.device,
+                dtype=tensor.dtype,
+            )
+            with torch.no_grad():
+                conv.weight.copy_(tensor.reshape(conv.weight.shape))
+                if spec.bias:
+                    conv.bias.copy_(self.bias)
+            stages.append(conv)
+        return nn.Sequential(*stages)
+
     @classmethod
     def from_conv(
         cls, conv: nn.Module, factorization: str, rank: Rank, **options
