@@ -6,7 +6,9 @@ tensorly is imported here only (``pip install tensorly``, or the
 backend), then copied into the layer's factors:
 
 - CP by alternating least squares (``parafac``, SVD initialization); the
-  weights λ are absorbed into the output factor;
+  weights λ are spread evenly over the factors (every factor's column ``r``
+  gets the norm ``(λ_r ∏ ‖a_r‖)^(1/F)``), which keeps gradient steps on the
+  factors well scaled;
 - Tucker-2 by higher-order orthogonal iteration on the two channel modes
   (``partial_tucker``); the core keeps the taps;
 - TT by TT-SVD (``tensor_train``) of the kernel reordered to
@@ -53,8 +55,16 @@ def _cp(
     settings = {"init": init, "n_iter_max": 500, "tol": 1e-10, "random_state": 0}
     settings.update(options)
     weights, factors = parafac(kernel, rank, **settings)
-    out, inp, *taps = factors
-    result = {"input_factor": inp.T, "output_factor": out * weights}
+    # balance: every factor's column r gets the same norm, (λ_r ∏_f ‖a_fr‖)^(1/F);
+    # CP factors out of ALS can differ in scale by orders of magnitude, which
+    # makes gradient steps on them badly conditioned
+    norms = [np.linalg.norm(f, axis=0) for f in factors]
+    scale = np.abs(weights) * np.prod(norms, axis=0)
+    share = np.where(scale > 0, scale, 0.0) ** (1.0 / len(factors))
+    signs = np.sign(weights)
+    balanced = [f / np.where(n > 0, n, 1.0) * share for f, n in zip(factors, norms)]
+    out, inp, *taps = balanced
+    result = {"input_factor": inp.T, "output_factor": out * signs}
     for d, tap in enumerate(taps):
         result[f"kernel_factor_{d}"] = tap.T
     return result
