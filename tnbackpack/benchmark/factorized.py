@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
-from backpack import backpack, extend
+from backpack import extend
 from backpack.extensions.backprop_extension import BackpropExtension
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
@@ -40,6 +39,7 @@ from ..nn import FactorizedConv2d
 from .extensions import extension_pairs
 from .memory import peak_mb
 from .timing import describe_error, time_interleaved
+from .workload import Workload
 
 ROWS = ("BatchGrad", "KFAC(reduce)", "DiagGGNExact")
 VARIANTS = ("tnbackpack", "backpack_stages", "torch.func")
@@ -130,14 +130,7 @@ class Setup:
     def step(self, model: nn.Module, extension: Optional[BackpropExtension] = None):
         """Forward and backward of ``model``, with ``extension`` if given."""
         loss_function = self.loss if extension is not None else nn.CrossEntropyLoss()
-        loss = loss_function(model(self.x), self.y)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            if extension is None:
-                loss.backward()
-                return
-            with backpack(extension):
-                loss.backward()
+        Workload.backward(loss_function(model(self.x), self.y), extension)
 
     def per_sample_gradients(self) -> Dict[str, Tensor]:
         """``vmap(grad)`` of the rebuilt-kernel model (the mean loss's terms)."""

@@ -61,47 +61,14 @@ RING_LETTER = "z"
 Rank = Union[int, float, Sequence[int]]
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """Hyper-parameters of a factorized layer (those of its dense equivalent)."""
+def spatial_letters(spec: ConvSpec) -> str:
+    """The spatial letters of a layer's equation."""
+    return SPATIAL_LETTERS[spec.ndim]
 
-    ndim: int
-    in_channels: int
-    out_channels: int
-    kernel_size: Tuple[int, ...]
-    stride: Tuple[int, ...]
-    padding: Tuple[Tuple[int, int], ...]
-    dilation: Tuple[int, ...]
-    groups: int
-    bias: bool
-    padding_mode: str
 
-    @classmethod
-    def from_spec(cls, spec: ConvSpec) -> Geometry:
-        """The geometry of the dense convolution ``spec``."""
-        return cls(
-            spec.ndim,
-            spec.in_channels,
-            spec.out_channels,
-            spec.kernel_size,
-            spec.stride,
-            spec.padding,
-            spec.dilation,
-            spec.groups,
-            spec.bias,
-            spec.padding_mode,
-        )
-
-    @property
-    def spatial(self) -> str:
-        """The spatial letters of the layer's equation."""
-        return SPATIAL_LETTERS[self.ndim]
-
-    def dense_parameters(self) -> int:
-        """Number of entries of the dense kernel."""
-        return (
-            self.out_channels * self.in_channels // self.groups * prod(self.kernel_size)
-        )
+def dense_parameters(spec: ConvSpec) -> int:
+    """Number of entries of the dense kernel."""
+    return prod(spec.weight_shape())
 
 
 @dataclass(frozen=True)
@@ -128,7 +95,7 @@ class Factor:
 
 # ---------------------------------------------------------------- stage specs
 def _stage(
-    geo: Geometry,
+    dense: ConvSpec,
     in_channels: int,
     out_channels: int,
     axes: Sequence[int] = (),
@@ -142,127 +109,137 @@ def _stage(
     prepends such an axis.
     """
     kernel, stride, padding, dilation = [], [], [], []
-    for d in range(geo.ndim):
+    for d in range(dense.ndim):
         on = d in axes
-        kernel.append(geo.kernel_size[d] if on else 1)
-        stride.append(geo.stride[d] if on else 1)
-        padding.append(geo.padding[d] if on else (0, 0))
-        dilation.append(geo.dilation[d] if on else 1)
+        kernel.append(dense.kernel_size[d] if on else 1)
+        stride.append(dense.stride[d] if on else 1)
+        padding.append(dense.padding[d] if on else (0, 0))
+        dilation.append(dense.dilation[d] if on else 1)
     lead = 1 if ring else 0
     return ConvSpec(
-        ndim=geo.ndim + lead,
+        ndim=dense.ndim + lead,
         in_channels=in_channels,
         out_channels=out_channels,
         kernel_size=(1,) * lead + tuple(kernel),
         stride=(1,) * lead + tuple(stride),
         padding=((0, 0),) * lead + tuple(padding),
         dilation=(1,) * lead + tuple(dilation),
-        groups=groups or geo.groups,
+        groups=groups or dense.groups,
         bias=bias,
-        padding_mode=geo.padding_mode if axes else "zeros",
-        output_padding=(0,) * (geo.ndim + lead),
+        padding_mode=dense.padding_mode if axes else "zeros",
+        output_padding=(0,) * (dense.ndim + lead),
     )
 
 
-def _channels(geo: Geometry) -> Tuple[int, int, int]:
-    g = geo.groups
-    return g, geo.in_channels // g, geo.out_channels // g
+def _channels(dense: ConvSpec) -> Tuple[int, int, int]:
+    g = dense.groups
+    return g, dense.in_channels // g, dense.out_channels // g
 
 
 # -------------------------------------------------------------- factorizations
-def cp_factors(geo: Geometry, ranks: Tuple[int, ...]) -> Tuple[Factor, ...]:
+def cp_factors(dense: ConvSpec, ranks: Tuple[int, ...]) -> Tuple[Factor, ...]:
     """CP: ``x, [r c], [r k_1], …, [r k_d], [o r]`` (λ absorbed in the factors)."""
     (rank,) = ranks
-    g, c, _ = _channels(geo)
+    g, c, _ = _channels(dense)
     width = g * rank
     factors = [
-        Factor("input_factor", (width, c), "rc", _stage(geo, geo.in_channels, width))
+        Factor(
+            "input_factor", (width, c), "rc", _stage(dense, dense.in_channels, width)
+        )
     ]
-    for d, letter in enumerate(geo.spatial):
-        stage = _stage(geo, width, width, axes=(d,), groups=width)
-        shape = (width, geo.kernel_size[d])
+    for d, letter in enumerate(spatial_letters(dense)):
+        stage = _stage(dense, width, width, axes=(d,), groups=width)
+        shape = (width, dense.kernel_size[d])
         factors.append(Factor(f"kernel_factor_{d}", shape, "r" + letter, stage))
-    out = _stage(geo, width, geo.out_channels, bias=geo.bias)
-    factors.append(Factor("output_factor", (geo.out_channels, rank), "or", out))
+    out = _stage(dense, width, dense.out_channels, bias=dense.bias)
+    factors.append(Factor("output_factor", (dense.out_channels, rank), "or", out))
     return tuple(factors)
 
 
-def tucker_factors(geo: Geometry, ranks: Tuple[int, ...]) -> Tuple[Factor, ...]:
+def tucker_factors(dense: ConvSpec, ranks: Tuple[int, ...]) -> Tuple[Factor, ...]:
     """Tucker-2 on the channels: ``x, [a c], [b a *k], [o b]`` (the core keeps taps)."""
     r_in, r_out = ranks
-    g, c, _ = _channels(geo)
-    core_stage = _stage(geo, g * r_in, g * r_out, axes=range(geo.ndim))
+    g, c, _ = _channels(dense)
+    core_stage = _stage(dense, g * r_in, g * r_out, axes=range(dense.ndim))
     return (
         Factor(
-            "input_factor", (g * r_in, c), "ac", _stage(geo, geo.in_channels, g * r_in)
+            "input_factor",
+            (g * r_in, c),
+            "ac",
+            _stage(dense, dense.in_channels, g * r_in),
         ),
         Factor(
-            "core", (g * r_out, r_in, *geo.kernel_size), "ba" + geo.spatial, core_stage
+            "core",
+            (g * r_out, r_in, *dense.kernel_size),
+            "ba" + spatial_letters(dense),
+            core_stage,
         ),
         Factor(
             "output_factor",
-            (geo.out_channels, r_out),
+            (dense.out_channels, r_out),
             "ob",
-            _stage(geo, g * r_out, geo.out_channels, bias=geo.bias),
+            _stage(dense, g * r_out, dense.out_channels, bias=dense.bias),
         ),
     )
 
 
-def _kernel_cores(geo: Geometry, bonds: Sequence[int], ring: int) -> Tuple[Factor, ...]:
+def _kernel_cores(
+    dense: ConvSpec, bonds: Sequence[int], ring: int
+) -> Tuple[Factor, ...]:
     """TT/TR cores ``[G·r_i+1, r_i, K_i]``, one stage per spatial axis."""
-    g = geo.groups
+    g = dense.groups
     cores = []
-    for d, letter in enumerate(geo.spatial):
+    for d, letter in enumerate(spatial_letters(dense)):
         r_in, r_out = bonds[d], bonds[d + 1]
-        stage = _stage(geo, g * r_in, g * r_out, axes=(d,), ring=ring)
+        stage = _stage(dense, g * r_in, g * r_out, axes=(d,), ring=ring)
         subscripts = BOND_LETTERS[d + 1] + BOND_LETTERS[d] + letter
-        shape = (g * r_out, r_in, geo.kernel_size[d])
+        shape = (g * r_out, r_in, dense.kernel_size[d])
         cores.append(Factor(f"kernel_core_{d}", shape, subscripts, stage, ring))
     return tuple(cores)
 
 
-def tt_factors(geo: Geometry, ranks: Tuple[int, ...]) -> Tuple[Factor, ...]:
+def tt_factors(dense: ConvSpec, ranks: Tuple[int, ...]) -> Tuple[Factor, ...]:
     """TT in the order ``(C_in, K_1, …, K_d, C_out)`` with bonds ``r_0, …, r_d``."""
-    g, c, _ = _channels(geo)
-    first, last = BOND_LETTERS[0], BOND_LETTERS[geo.ndim]
+    g, c, _ = _channels(dense)
+    first, last = BOND_LETTERS[0], BOND_LETTERS[dense.ndim]
     return (
         Factor(
             "input_core",
             (g * ranks[0], c),
             first + "c",
-            _stage(geo, geo.in_channels, g * ranks[0]),
+            _stage(dense, dense.in_channels, g * ranks[0]),
         ),
-        *_kernel_cores(geo, ranks, ring=0),
+        *_kernel_cores(dense, ranks, ring=0),
         Factor(
             "output_core",
-            (geo.out_channels, ranks[-1]),
+            (dense.out_channels, ranks[-1]),
             "o" + last,
-            _stage(geo, g * ranks[-1], geo.out_channels, bias=geo.bias),
+            _stage(dense, g * ranks[-1], dense.out_channels, bias=dense.bias),
         ),
     )
 
 
-def tr_factors(geo: Geometry, ranks: Tuple[int, ...]) -> Tuple[Factor, ...]:
+def tr_factors(dense: ConvSpec, ranks: Tuple[int, ...]) -> Tuple[Factor, ...]:
     """TR: TT's order with bonds ``r_0, …, r_d`` and the ring bond ``r_z`` last."""
-    g, c, _ = _channels(geo)
+    g, c, _ = _channels(dense)
     *bonds, ring = ranks
-    first, last = BOND_LETTERS[0], BOND_LETTERS[geo.ndim]
+    first, last = BOND_LETTERS[0], BOND_LETTERS[dense.ndim]
     z = RING_LETTER
-    in_stage = _stage(geo, geo.in_channels, g * bonds[0] * ring)
-    out_stage = _stage(geo, g * bonds[-1] * ring, geo.out_channels, bias=geo.bias)
+    in_stage = _stage(dense, dense.in_channels, g * bonds[0] * ring)
+    out_stage = _stage(dense, g * bonds[-1] * ring, dense.out_channels, bias=dense.bias)
     return (
         Factor("input_core", (g * bonds[0], ring, c), first + z + "c", in_stage),
-        *_kernel_cores(geo, bonds, ring=ring),
+        *_kernel_cores(dense, bonds, ring=ring),
         Factor(
             "output_core",
-            (geo.out_channels, bonds[-1], ring),
+            (dense.out_channels, bonds[-1], ring),
             "o" + last + z,
             out_stage,
         ),
     )
 
 
-BUILDERS: Dict[str, Callable[[Geometry, Tuple[int, ...]], Tuple[Factor, ...]]] = {
+BUILDERS: Dict[str, Callable[[ConvSpec, Tuple[int, ...]], Tuple[Factor, ...]]] = {
     "cp": cp_factors,
     "tucker": tucker_factors,
     "tt": tt_factors,
@@ -271,10 +248,10 @@ BUILDERS: Dict[str, Callable[[Geometry, Tuple[int, ...]], Tuple[Factor, ...]]] =
 
 
 def build_factors(
-    factorization: str, geo: Geometry, ranks: Tuple[int, ...]
+    factorization: str, dense: ConvSpec, ranks: Tuple[int, ...]
 ) -> Tuple[Factor, ...]:
     """The factors (and their stages) of a layer, in the order of its equation."""
-    return BUILDERS[factorization](geo, ranks)
+    return BUILDERS[factorization](dense, ranks)
 
 
 # ----------------------------------------------------------------------- ranks
@@ -283,13 +260,15 @@ def rank_count(factorization: str, ndim: int) -> int:
     return {"cp": 1, "tucker": 2, "tt": ndim + 1, "tr": ndim + 2}[factorization]
 
 
-def factor_parameters(factorization: str, geo: Geometry, ranks: Tuple[int, ...]) -> int:
+def factor_parameters(
+    factorization: str, dense: ConvSpec, ranks: Tuple[int, ...]
+) -> int:
     """Number of entries of all factors."""
-    return sum(prod(f.shape) for f in build_factors(factorization, geo, ranks))
+    return sum(prod(f.shape) for f in build_factors(factorization, dense, ranks))
 
 
 def resolve_ranks(
-    factorization: str, rank: Rank, geo: Geometry, layer: str = "FactorizedConv"
+    factorization: str, rank: Rank, dense: ConvSpec, layer: str = "FactorizedConv"
 ) -> Tuple[int, ...]:
     """Turn an int, a tuple or a compression ratio into the factorization's ranks.
 
@@ -306,7 +285,7 @@ def resolve_ranks(
             f"{layer}: factorization must be one of {FACTORIZATIONS}, "
             f"got {factorization!r}"
         )
-    count = rank_count(factorization, geo.ndim)
+    count = rank_count(factorization, dense.ndim)
     if isinstance(rank, bool):
         raise ValueError(
             f"{layer}: rank must be an int, a tuple or a float, got {rank!r}"
@@ -316,7 +295,7 @@ def resolve_ranks(
             raise ValueError(
                 f"{layer}: a compression ratio must be positive, got {rank}"
             )
-        return _ranks_for_ratio(factorization, rank, geo, count)
+        return _ranks_for_ratio(factorization, rank, dense, count)
     if isinstance(rank, int):
         ranks: Tuple[int, ...] = (rank,) * count
     else:
@@ -328,8 +307,9 @@ def resolve_ranks(
             ) from error
     if len(ranks) != count:
         raise ValueError(
-            f"{layer}: factorization {factorization!r} of a {geo.ndim}-d kernel takes "
-            f"{count} rank(s) ({_rank_names(factorization, geo.ndim)}), got {rank!r}"
+            f"{layer}: factorization {factorization!r} of a {dense.ndim}-d kernel "
+            f"takes {count} rank(s) ({_rank_names(factorization, dense.ndim)}), "
+            f"got {rank!r}"
         )
     if any(r < 1 for r in ranks):
         raise ValueError(f"{layer}: ranks must be at least 1, got {rank!r}")
@@ -347,11 +327,11 @@ def _rank_names(factorization: str, ndim: int) -> str:
 
 
 def _ranks_for_ratio(
-    factorization: str, ratio: float, geo: Geometry, count: int
+    factorization: str, ratio: float, dense: ConvSpec, count: int
 ) -> Tuple[int, ...]:
-    budget = ratio * geo.dense_parameters()
-    g = geo.groups
-    c, o = geo.in_channels // g, geo.out_channels // g
+    budget = ratio * dense_parameters(dense)
+    g = dense.groups
+    c, o = dense.in_channels // g, dense.out_channels // g
 
     def candidate(step: int) -> Tuple[int, ...]:
         if factorization == "tucker":  # proportional to the channels per group
@@ -363,6 +343,6 @@ def _ranks_for_ratio(
     step = 2
     while True:
         ranks = candidate(step)
-        if factor_parameters(factorization, geo, ranks) > budget:
+        if factor_parameters(factorization, dense, ranks) > budget:
             return best
         best, step = ranks, step + 1

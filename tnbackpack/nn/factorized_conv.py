@@ -20,13 +20,7 @@ from torch import Tensor, nn
 from ..tn.conv_einsum import conv_einsum
 from ..tn.spec import ConvSpec, IntOrTuple
 from . import stages
-from .factorizations import (
-    Factor,
-    Geometry,
-    Rank,
-    build_factors,
-    resolve_ranks,
-)
+from .factorizations import Factor, Rank, build_factors, resolve_ranks, spatial_letters
 
 __all__ = ["FactorizedConv1d", "FactorizedConv2d", "FactorizedConv3d"]
 
@@ -35,9 +29,9 @@ _DENSE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 @lru_cache(maxsize=256)
 def _cached_factors(
-    factorization: str, geo: Geometry, ranks: Tuple[int, ...]
+    factorization: str, spec: ConvSpec, ranks: Tuple[int, ...]
 ) -> Tuple[Factor, ...]:
-    return build_factors(factorization, geo, ranks)
+    return build_factors(factorization, spec, ranks)
 
 
 class FactorizedConvNd(nn.Module):
@@ -118,10 +112,9 @@ class FactorizedConvNd(nn.Module):
         self.groups = groups
         self.padding_mode = padding_mode
         self.factorization = factorization
-        geo = Geometry.from_spec(spec)
-        self.rank = resolve_ranks(factorization, rank, geo, name)
+        self.rank = resolve_ranks(factorization, rank, spec, name)
         kwargs = {"device": device, "dtype": dtype}
-        for factor in _cached_factors(factorization, geo, self.rank):
+        for factor in _cached_factors(factorization, spec, self.rank):
             self.register_parameter(
                 factor.name, nn.Parameter(torch.empty(factor.shape, **kwargs))
             )
@@ -149,8 +142,7 @@ class FactorizedConvNd(nn.Module):
 
     def factor_plan(self) -> Tuple[Factor, ...]:
         """The factors and their stage convolutions, in the order of the equation."""
-        geo = Geometry.from_spec(self.dense_spec())
-        return _cached_factors(self.factorization, geo, self.rank)
+        return _cached_factors(self.factorization, self.dense_spec(), self.rank)
 
     @property
     def factors(self) -> Dict[str, nn.Parameter]:
@@ -163,7 +155,7 @@ class FactorizedConvNd(nn.Module):
 
     def _letters(self) -> Tuple[str, str, str]:
         group = "g" if self.groups > 1 else ""
-        spatial = Geometry.from_spec(self.dense_spec()).spatial
+        spatial = spatial_letters(self.dense_spec())
         return (
             group,
             spatial,
