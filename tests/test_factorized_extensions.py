@@ -38,7 +38,7 @@ CASES = [
     Case("tucker", (2, 3), kwargs={"padding": "same", "padding_mode": "circular"}),
     Case("tucker", 2, ndim=1, kwargs={"dilation": 2, "groups": 2}),
     Case("tt", (2, 3, 2), kwargs={"stride": (2, 1), "padding": (1, 0)}),
-    Case("tt", 2, ndim=3, kernel_size=(3, 2, 2), kwargs={"padding": 1}),
+    Case("tt", 2, ndim=3, kernel_size=(3, 2, 1), input_size=(4, 4, 3)),
     Case("tr", (2, 2, 3, 2), kwargs={"padding": 1, "padding_mode": "reflect"}),
     Case("tr", 2, ndim=1, kwargs={"groups": 2, "stride": 2, "bias": False}),
 ]
