@@ -86,6 +86,14 @@ def parse(argv: Optional[List[str]] = None) -> Settings:
         default=2.0,
         help="skip SqrtGGNExact where its result exceeds this size (2.0)",
     )
+    parser.add_argument(
+        "--conv-einsum",
+        action="store_true",
+        help="run the conv_einsum benchmark instead (CP/Tucker-2/TT 3x3 layers vs "
+        "rebuilt kernel, stage sequence, tensorly-torch; see "
+        "tnbackpack.benchmark.conv_einsum; accepts --quick, --batch, --threads, "
+        "--repeats, --max-seconds, --output)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     return Settings(
@@ -115,12 +123,17 @@ def parse(argv: Optional[List[str]] = None) -> Settings:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Run the benchmark (or, with ``--factorized``, that of factorized layers)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if "--factorized" in argv:
+    """Run the benchmark (``--factorized``, ``--conv-einsum``: those benchmarks)."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if "--factorized" in arguments:
         from .factorized import main as factorized_main
 
-        factorized_main([a for a in argv if a != "--factorized"])
+        factorized_main([a for a in arguments if a != "--factorized"])
+        return
+    if "--conv-einsum" in arguments:
+        from .conv_einsum import main as conv_einsum_main
+
+        conv_einsum_main([a for a in arguments if a != "--conv-einsum"])
         return
     run(parse(argv))
 

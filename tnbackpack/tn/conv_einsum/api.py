@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import List, Sequence, Tuple, Union
 
 import torch
@@ -53,14 +54,44 @@ def _pad_signal(
     return x.index_select(dim, real.to(x.device))
 
 
+def _freeze(value):
+    """A hashable stand-in for a hyper-parameter (dicts and lists included)."""
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _freeze(v)) for k, v in value.items())))
+    if isinstance(value, (list, tuple)):
+        return ("seq", tuple(_freeze(v) for v in value))
+    return value
+
+
+def _thaw(value):
+    if isinstance(value, tuple) and value and value[0] == "dict":
+        return {k: _thaw(v) for k, v in value[1]}
+    if isinstance(value, tuple) and value and value[0] == "seq":
+        return tuple(_thaw(v) for v in value[1])
+    return value
+
+
+@lru_cache(maxsize=1024)
+def network_of(equation: str, shapes, stride, padding, dilation, padding_mode):
+    """Parse, check and build the network once per string, shapes and options."""
+    parsed = parse(equation)
+    letters, network = describe(
+        parsed, shapes, _thaw(stride), _thaw(padding), _thaw(dilation), padding_mode
+    )
+    return network, letters
+
+
 def _prepare(
     equation: str, shapes, stride, padding, dilation, padding_mode, optimize
 ) -> Tuple[Network, dict]:
     if optimize not in OPTIMIZE:
         raise ValueError(f"conv_einsum: optimize must be one of {OPTIMIZE}, got {optimize!r}")
-    parsed = parse(equation)
-    letters, network = describe(parsed, shapes, stride, padding, dilation, padding_mode)
-    return network, letters
+    try:
+        key = (_freeze(stride), _freeze(padding), _freeze(dilation))
+        hash(key)
+    except TypeError:  # unhashable values: let describe() name the culprit
+        return describe(parse(equation), shapes, stride, padding, dilation, padding_mode)[::-1]
+    return network_of(equation, tuple(map(tuple, shapes)), *key, padding_mode)
 
 
 def conv_einsum(

@@ -33,11 +33,15 @@ def leaf(network: Network, node: int, tensor: Tensor, out: Part) -> Named:
     return _to_side(tensor, network.subscripts[node], dict(network.legs[node]), Side.of(out))
 
 
-def run_step(step: Step, a: Named, b: Named, legs_a, legs_b) -> Named:
+def run_step(step: Step, a: Named, b: Named, legs_a, legs_b, top: bool = False) -> Named:
     """One step on tensors in the coordinates of their parts."""
     (ta, la), (tb, lb) = _to_side(*a, legs_a, step.a), _to_side(*b, legs_b, step.b)
+    for letter, start, length in step.cuts[0]:
+        ta = ta.narrow(la.index(letter), start, length)
+    for letter, start, length in step.cuts[1]:
+        tb = tb.narrow(lb.index(letter), start, length)
     if step.method == "einsum":
-        return run_matmul(ta, la, tb, lb, step.out.letters)
+        return run_matmul(ta, la, tb, lb, step.out.letters, not top)
     if step.method == "pattern":
         return run_pattern(ta, la, dict(step.a.legs), tb, lb, dict(step.b.legs), step.out)
     return run_conv(step.layout, ta, la, tb, lb)
@@ -75,6 +79,7 @@ def execute(
             store[step.result] = run_step(
                 step, operands[0], operands[1],
                 dict(part(network, step.left).legs), dict(part(network, step.right).legs),
+                step.result == full,
             )  # fmt: skip
         result = store.pop(full)
     return _finish(network, node, *result)

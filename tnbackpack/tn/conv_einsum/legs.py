@@ -109,7 +109,12 @@ def part(network, mask: int) -> Part:
     plain = dict(network.sizes)
     node_legs = [dict(legs) for legs in network.legs]
     letters, legs, sizes, empty = [], [], [], False
-    for letter in dict.fromkeys("".join(network.subscripts[i] for i in inside)):
+    held = set("".join(network.subscripts[i] for i in inside))
+    # one order for every part: the output's letters first, so that spatial
+    # letters keep the output's order in every intermediate
+    for letter in dict.fromkeys(network.subscripts[-1] + "".join(network.subscripts)):
+        if letter not in held:
+            continue
         outside = [
             j for j in everyone if not mask >> j & 1 and letter in network.subscripts[j]
         ]

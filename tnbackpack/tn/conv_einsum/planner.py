@@ -57,6 +57,8 @@ class Step:
         a, b: The operands' letters and legs as the step uses them (at the
             top step, letters of one operand only are first moved to the
             result's coordinates).
+        cuts: Per operand, ``(letter, start, length)`` cut from it first
+            (see :func:`align`).
     """
 
     left: int
@@ -69,6 +71,7 @@ class Step:
     out: Part
     a: Side
     b: Side
+    cuts: Tuple = ((), ())
 
     @property
     def result(self) -> int:
@@ -152,8 +155,45 @@ def _pair(network: Network, left: int, right: int, top: int, itemsize: int) -> S
     mask = left | right
     out = target(network, top, mask) if top >= 0 else part(network, mask)
     a, b = _side(network, left, right, out), _side(network, right, left, out)
+    a, b, cuts = align(a, b, out)
     method, lay, flops, moved, seconds = step_cost(a, b, out, itemsize)
-    return Step(left, right, method, lay, flops, moved, seconds, out, a, b)
+    return Step(left, right, method, lay, flops, moved, seconds, out, a, b, cuts)
+
+
+def align(a: Side, b: Side, out: Part) -> Tuple[Side, Side, Tuple]:
+    """Turn 1×1 convolution letters into plain contracted letters.
+
+    A shared convolution letter that the step sums out, with opposite unit
+    legs (``p_a + f_a = p_b + f_b``), pairs equal positions: the pattern is
+    an identity on the positions both legs hold (DESIGN §1, "1×1, stride 1:
+    drop it"). Both sides are cut to those positions and the letter becomes
+    an ordinary contracted index, so the step is a matrix product.
+
+    Returns:
+        The sides, and per side the cuts ``(letter, start, length)``.
+    """
+    legs_a, legs_b = dict(a.legs), dict(b.legs)
+    sizes_a, sizes_b = list(a.sizes), list(b.sizes)
+    cuts_a, cuts_b = [], []
+    for c in a.letters:
+        if c in out.letters or c not in legs_a or c not in legs_b:
+            continue
+        leg_a, leg_b = legs_a[c], legs_b[c]
+        low = max(leg_a.offset, leg_b.offset)
+        high = min(leg_a.offset + leg_a.size, leg_b.offset + leg_b.size)
+        if leg_a.coef != -leg_b.coef or high <= low:
+            continue
+        del legs_a[c], legs_b[c]
+        cuts_a.append((c, low - leg_a.offset, high - low))
+        cuts_b.append((c, low - leg_b.offset, high - low))
+        sizes_a[a.letters.index(c)] = sizes_b[b.letters.index(c)] = high - low
+    if not cuts_a:
+        return a, b, ((), ())
+    return (
+        Side(a.letters, tuple(sizes_a), tuple(legs_a.items())),
+        Side(b.letters, tuple(sizes_b), tuple(legs_b.items())),
+        (tuple(cuts_a), tuple(cuts_b)),
+    )
 
 
 def contraction(

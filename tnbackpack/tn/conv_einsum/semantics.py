@@ -53,7 +53,7 @@ class Letter:
     output_size: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Network:
     """Nodes (the operands, then the output ``Y``) with their letters and legs.
 
@@ -61,6 +61,9 @@ class Network:
         subscripts: Letters of every node; the last node is the output.
         sizes: Size of every plain (non-convolution) letter.
         legs: Per node, the ``(letter, Leg)`` pairs of its convolution letters.
+
+    Compared and hashed by identity: :func:`.api.network_of` builds one per
+    (string, shapes, hyper-parameters) and the plan caches key on it cheaply.
     """
 
     subscripts: Tuple[str, ...]

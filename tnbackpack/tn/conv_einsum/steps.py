@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -106,12 +106,17 @@ def layout(a: Side, b: Side, out: Part) -> Optional[Layout]:
     if sign == (False, True):
         a, b, legs_a, legs_b = b, a, legs_b, legs_a
     transposed = sign == (False, False)
+    if transposed and math.prod(a.sizes) < math.prod(b.sizes):
+        a, b, legs_a, legs_b = b, a, legs_b, legs_a
+        sign = (False, True)  # read as "swapped"
     ride = [c for c in a.letters if c in legs_a and c not in b.letters]
     if len(shared) + len(ride) > 3:
         ride = []
     if len(shared) + len(ride) > 3:
         return None
-    spatial = "".join(shared + ride)
+    # spatial letters in the part's canonical order (e.g. h before w), the
+    # order every intermediate keeps them in: so channels-last stays a view
+    spatial = "".join(c for c in a.letters if c in shared or c in ride)
     batch = "".join(c for c in a.letters if c not in b.letters and c not in ride)
     group = "".join(c for c in a.letters if c in b.letters and c not in legs_a and c in out.letters)
     cin = "".join(c for c in a.letters if c in b.letters and c not in legs_a and c not in out.letters)
@@ -207,10 +212,15 @@ def run_conv(lay: Layout, a: Tensor, la: str, b: Tensor, lb: str) -> Tuple[Tenso
             x = x.reshape(n_cin, groups * n_batch, *lay.in_sizes)
             g = _arrange(b_full, lb, lay.cin + lay.group + lay.cout + kernel_order)
             g = g.reshape(n_cin, groups * n_cout, *lay.kernel_sizes)
-            x = _pad_dims(x, 2, list(lay.pad))
-            weight = x.new_empty(()).expand(groups * n_cout, n_batch, *lay.out_sizes)
+            padding = _symmetric(lay.pad)
+            if padding is None:
+                x, padding = _pad_dims(x, 2, list(lay.pad)), [0] * num
+            weight = torch.empty(
+                (groups * n_cout, n_batch, *lay.out_sizes),
+                dtype=x.dtype, device=x.device, memory_format=_format(x),
+            )
             y = torch.ops.aten.convolution_backward(
-                g, x, weight, None, list(lay.dilation), [0] * num, list(lay.stride),
+                g, x, weight, None, list(lay.dilation), padding, list(lay.stride),
                 False, [0] * num, groups, [False, True, False],
             )[1]  # fmt: skip
             y = y.reshape(groups, n_cout, n_batch, *lay.out_sizes)
@@ -221,14 +231,29 @@ def run_conv(lay: Layout, a: Tensor, la: str, b: Tensor, lb: str) -> Tuple[Tenso
         x = x.reshape(n_batch, groups * n_cin, *lay.in_sizes)
         w = _arrange(b_full, lb, lay.group + lay.cout + lay.cin + kernel_order)
         w = w.reshape(groups * n_cout, n_cin, *lay.kernel_sizes)
-        symmetric = all(left == right >= 0 for left, right in lay.pad)
-        padding = [left for left, _ in lay.pad] if symmetric else 0
-        if not symmetric:
-            x = _pad_dims(x, 2, list(lay.pad))
+        padding = _symmetric(lay.pad)
+        if padding is None:
+            x, padding = _pad_dims(x, 2, list(lay.pad)), 0
         y = _CONV[num](x, w, stride=lay.stride, padding=padding, dilation=lay.dilation, groups=groups)
     letters = lay.batch + lay.group + lay.cout + lay.spatial
     y = y.reshape([sizes[c] for c in lay.batch + lay.group + lay.cout] + list(lay.out_sizes))
     return _squeeze(y, letters, lay.closed)
+
+
+def _symmetric(pads) -> Optional[List[int]]:
+    """The per-dimension padding if every dimension is padded symmetrically."""
+    if all(left == right >= 0 for left, right in pads):
+        return [left for left, _ in pads]
+    return None
+
+
+def _format(x: Tensor) -> torch.memory_format:
+    """Channels-last if ``x`` is laid out so (PyTorch's kernels follow the input)."""
+    if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def _squeeze(y: Tensor, letters: str, closed: str) -> Tuple[Tensor, str]:
@@ -329,33 +354,118 @@ def run_pattern(a: Tensor, la: str, legs_a: Dict[str, Leg], b: Tensor, lb: str,
     return torch.einsum(equation, a, b, *operands), out.letters
 
 
-def run_matmul(a: Tensor, la: str, b: Tensor, lb: str, out: str) -> Tuple[Tensor, str]:
-    """A step without shared convolution letters, as one batched matrix product.
+def memory_order(t: Tensor, letters: str) -> str:
+    """``letters`` from the outermost to the innermost dimension in memory."""
+    ranked = sorted(range(len(letters)), key=lambda i: (-t.stride(i), -t.shape[i]))
+    return "".join(letters[i] for i in ranked)
 
-    The larger operand keeps its memory layout: its letters before the first
-    contracted one become the batch of ``bmm`` (the smaller operand is
-    broadcast over them with stride 0), the ones after it the columns. So
-    ``nchw,rc->nrhw`` reads ``x`` in place and writes ``nrhw`` without a copy,
-    where ``torch.einsum`` would permute ``x``.
+
+def run_matmul(
+    a: Tensor, la: str, b: Tensor, lb: str, out: str, channels_last: bool = True
+) -> Tuple[Tensor, str]:
+    """A step without shared convolution letters, as one (batched) matrix product.
+
+    The larger operand is read in place, in its memory order: its letters
+    before the first contracted one (in memory) are the batch of ``bmm``,
+    the smaller operand is broadcast over them with stride 0. The result has
+    the smaller operand's free letters innermost (``channels_last``, what
+    PyTorch's CPU convolutions run fastest on) or right after the batch
+    letters (``nchw`` order, for a result returned to the caller).
     """
     if a.numel() < b.numel():
         a, la, b, lb = b, lb, a, la
-    contracted = [c for c in la if c in lb and c not in out]
-    shared = [c for c in la if c in lb and c in out]
-    if not contracted or shared:
+    contracted = "".join(c for c in la if c in lb and c not in out)
+    if not contracted or any(c in lb and c in out for c in la):
         return torch.einsum(f"{la},{lb}->{out}", a, b), out
-    first = la.index(contracted[0])
-    outer = la[:first]
-    inner = "".join(c for c in la[first:] if c not in contracted)
+    summed = _summed_batch(a, la, b, lb, contracted)
+    if summed is not None:
+        return summed
     small_free = "".join(c for c in lb if c not in contracted)
+    big_free = [c for c in memory_order(a, la) if c not in contracted]
     sizes = dict(zip(la, a.shape))
     sizes.update(zip(lb, b.shape))
-    n_outer = math.prod(sizes[c] for c in outer)
-    n_k = math.prod(sizes[c] for c in contracted)
-    n_inner = math.prod(sizes[c] for c in inner)
-    n_small = math.prod(sizes[c] for c in small_free)
-    big = _arrange(a, la, outer + "".join(contracted) + inner).reshape(n_outer, n_k, n_inner)
-    small = _arrange(b, lb, small_free + "".join(contracted)).reshape(1, n_small, n_k)
-    result = torch.bmm(small.expand(n_outer, n_small, n_k), big)
-    letters = outer + small_free + inner
+    small = _arrange(b, lb, contracted + small_free).reshape(
+        _count(sizes, contracted), _count(sizes, small_free)
+    )
+    if channels_last:
+        splits = [0]
+    else:  # batch: the result's letters before the smaller operand's first one
+        lead = next((i for i, c in enumerate(out) if c in small_free), len(out))
+        splits = [len([c for c in out[:lead] if c in big_free])]
+    order = memory_order(a, la)
+    splits.append(min(order.index(c) for c in contracted))
+    for split in splits:
+        outer = "".join(big_free[:split])
+        inner = "".join(big_free[split:])
+        big = _batched(a, la, sizes, outer, contracted, inner)
+        if big is not None:
+            break
+    else:
+        return torch.einsum(f"{la},{lb}->{out}", a, b), out
+    n_outer, n_k, n_small = big.shape[0], big.shape[2], small.shape[1]
+    if channels_last:
+        result = torch.bmm(big, small.expand(n_outer, n_k, n_small))
+        letters = outer + inner + small_free
+    else:
+        result = torch.bmm(small.t().expand(n_outer, n_small, n_k), big.transpose(1, 2))
+        letters = outer + small_free + inner
     return result.reshape([sizes[c] for c in letters]), letters
+
+
+def _summed_batch(a: Tensor, la: str, b: Tensor, lb: str, contracted: str):
+    """``Σ_s a[s] @ b[s]`` over contracted letters outermost in both operands.
+
+    A weight gradient ``Σ_{n,h,w} g[n,r,h,w] x[n,c,h,w]`` with ``x`` in NCHW
+    and ``g`` channels-last has no single-matrix view, but one per sample.
+    """
+    order_a, order_b = memory_order(a, la), memory_order(b, lb)
+    prefix = ""
+    for ca, cb in zip(order_a, order_b):
+        if ca != cb or ca not in contracted:
+            break
+        prefix += ca
+    if not prefix:
+        return None
+    sizes = dict(zip(la, a.shape))
+    rest = "".join(c for c in contracted if c not in prefix)
+    free_a = "".join(c for c in order_a if c not in contracted)
+    free_b = "".join(c for c in order_b if c not in contracted)
+    a3 = _batched(a, la, sizes, prefix, rest, free_a)
+    b3 = _batched(b, lb, dict(zip(lb, b.shape)), prefix, rest, free_b)
+    if a3 is None or b3 is None:
+        return None
+    result = torch.bmm(a3, b3.transpose(1, 2)).sum(0)
+    shape = [sizes[c] for c in free_a] + [b.shape[lb.index(c)] for c in free_b]
+    return result.reshape(shape), free_a + free_b
+
+
+def _batched(a: Tensor, la: str, sizes, outer: str, contracted: str, inner: str):
+    """``a`` as a ``[outer, inner, contracted]`` view, ``None`` if it needs a copy.
+
+    Each group of letters must be one block in memory; the two inner groups
+    may come in either order (the matrix is then read transposed).
+    """
+    shape = (_count(sizes, outer), _count(sizes, inner), _count(sizes, contracted))
+    if _viewable(a, la, (outer, inner, contracted)):
+        return _arrange(a, la, outer + inner + contracted).view(shape)
+    if _viewable(a, la, (outer, contracted, inner)):
+        view = _arrange(a, la, outer + contracted + inner).view(shape[0], shape[2], shape[1])
+        return view.transpose(1, 2)
+    return None
+
+
+def _viewable(a: Tensor, la: str, groups: Sequence[str]) -> bool:
+    """Whether ``a`` permuted to ``groups`` can be viewed with one dim per group.
+
+    Checked on the strides (a failed ``view`` raises, which is slow).
+    """
+    for group in groups:
+        dims = [la.index(c) for c in group if a.shape[la.index(c)] != 1]
+        for outer_dim, inner_dim in zip(dims, dims[1:]):
+            if a.stride(outer_dim) != a.stride(inner_dim) * a.shape[inner_dim]:
+                return False
+    return True
+
+
+def _count(sizes: Dict[str, int], letters: str) -> int:
+    return math.prod(sizes[c] for c in letters)
