@@ -16,8 +16,9 @@ the same step is timed, interleaved and repeated (medians, one thread), as
 Each also gets its peak extra memory (:func:`.memory.peak_mb`, in process:
 only allocations made during the step count). Ratios are the other
 variant's time (memory) over tnbackpack's: above 1 means tnbackpack is
-faster (leaner). A plain forward+backward of the factorized model is timed
-as the reference cost.
+faster (leaner). Plain forward+backward steps without extensions are timed
+as reference costs: ``plain`` (the factorized layer, evaluated by
+``conv_einsum``) and ``plain_stages`` (the stage sequence).
 """
 
 from __future__ import annotations
@@ -113,11 +114,13 @@ class Setup:
         self.plain = nn.Sequential(layer, nn.Flatten(), head)
         self.model = extend(copy.deepcopy(self.plain))
         self.stages: Optional[nn.Module] = None
+        self.plain_stages: Optional[nn.Module] = None
         self.stages_error = ""
         try:
             stages = nn.Sequential(
                 *layer.to_stages(), nn.Flatten(), copy.deepcopy(head)
             )
+            self.plain_stages = copy.deepcopy(stages)
             self.stages = extend(stages)
         except ValueError as error:
             self.stages_error = describe_error(error)
@@ -146,7 +149,7 @@ class Setup:
 
     def clear(self) -> None:
         """Drop gradients and savefields."""
-        for model in (self.model, self.plain, self.stages):
+        for model in (self.model, self.plain, self.stages, self.plain_stages):
             if model is None:
                 continue
             for param in model.parameters():
@@ -163,6 +166,7 @@ def variants(setup: Setup, row: str) -> Dict[str, Callable[[], object]]:
         "tnbackpack": lambda: setup.step(setup.model, pair.tnbackpack()),
     }
     if setup.stages is not None:
+        steps["plain_stages"] = lambda: setup.step(setup.plain_stages)
         steps["backpack_stages"] = lambda: setup.step(setup.stages, pair.backpack())
     if row == "BatchGrad":
         steps["torch.func"] = setup.per_sample_gradients
@@ -234,11 +238,11 @@ def _cell(result: Result, variant: str) -> str:
 
 def table(results: List[Result]) -> str:
     """Markdown table: per variant ``ms, MB (time ratio vs tnbackpack)``."""
-    header = ["case", "extension", "plain", *VARIANTS]
+    header = ["case", "extension", "plain", "plain (stages)", *VARIANTS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        plain = r.ms.get("plain")
-        cells = [r.case, r.row, f"{plain:.0f} ms" if plain else "—"]
+        plain = [r.ms.get(name) for name in ("plain", "plain_stages")]
+        cells = [r.case, r.row] + [f"{ms:.0f} ms" if ms else "—" for ms in plain]
         cells += [_cell(r, v) for v in VARIANTS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -247,7 +251,7 @@ def table(results: List[Result]) -> str:
 def write(results: List[Result], output: Path) -> None:
     """``results.csv`` and ``table.md`` under ``output``."""
     output.mkdir(parents=True, exist_ok=True)
-    names = ["plain", *VARIANTS]
+    names = ["plain", "plain_stages", *VARIANTS]
     with open(output / "results.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(
