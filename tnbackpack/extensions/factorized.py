@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..nn.factorizations import Factor
 from ..nn.factorized_conv import FACTORIZED_CONV_TYPES, FactorizedConvNd
-from ..nn.stages import output_view, stage_inputs, stage_weight
+from ..nn.stages import flat_view, output_view, stage_inputs, stage_weight
 from ..tn import functional, torch_routes
 from ..tn.spec import ConvSpec
 from .derivatives import ea_jac_t_mat_jac
@@ -99,19 +99,13 @@ class StageRule:
         """``carried`` at the stage input, given it at the stage output."""
         return stage.pull_back(carried, vectors=True)
 
-    def view(self, factor: Factor, carried: Any, layer_ndim: int) -> Any:
+    def view(self, carried: Any, layer_ndim: int) -> Any:
         """``carried`` at a stage input, viewed as the previous stage output."""
-        return _flat(carried, layer_ndim, self.lead)
+        return flat_view(carried, layer_ndim, self.lead)
 
     def to_stage(self, factor: Factor, carried: Any) -> Any:
         """View ``carried`` at a stage output in that stage's layout."""
         return output_view(factor, carried, self.lead)
-
-
-def _flat(carried: Tensor, layer_ndim: int, lead: int) -> Tensor:
-    return carried.reshape(
-        *carried.shape[: lead + 1], -1, *carried.shape[carried.ndim - layer_ndim :]
-    )
 
 
 class FirstOrderRule(StageRule):
@@ -175,9 +169,9 @@ class HessianDiagonalRule(StageRule):
         matrices = [stage.pull_back(m, vectors=True) for m in carried["matrices"]]
         return {"matrices": matrices, "signs": list(carried["signs"])}
 
-    def view(self, factor: Factor, carried: Dict, layer_ndim: int) -> Dict:
+    def view(self, carried: Dict, layer_ndim: int) -> Dict:
         """Re-view every square root."""
-        matrices = [_flat(m, layer_ndim, self.lead) for m in carried["matrices"]]
+        matrices = [flat_view(m, layer_ndim, self.lead) for m in carried["matrices"]]
         return {"matrices": matrices, "signs": carried["signs"]}
 
     def to_stage(self, factor: Factor, carried: Dict) -> Dict:
@@ -240,12 +234,10 @@ class KroneckerRule(StageRule):
             stage.spec, stage.weight, tuple(stage.x.shape[1:]), out_shape, carried
         )
 
-    def view(self, factor: Factor, carried: Tensor, layer_ndim: int) -> Tensor:
+    def view(self, carried: Tensor, layer_ndim: int) -> Tensor:
         """Re-view a square root (a matrix needs none)."""
         return (
-            carried
-            if self._is_matrix(carried)
-            else super().view(factor, carried, layer_ndim)
+            carried if self._is_matrix(carried) else super().view(carried, layer_ndim)
         )
 
     def to_stage(self, factor: Factor, carried: Tensor) -> Tensor:
@@ -332,7 +324,7 @@ class FactorizedConvExtension(ModuleExtension):
                     quantity = _factor_shaped(quantity, factor)
                 _save(ext, param, quantity)
             if position > 0 or to_input:
-                carried = rule.view(factor, rule.pull_back(stage, carried), layer_ndim)
+                carried = rule.view(rule.pull_back(stage, carried), layer_ndim)
         return carried
 
 
