@@ -99,21 +99,35 @@ def ranks(model: nn.Module) -> str:
 
 
 def plot(rows: List[Dict], path: Path) -> None:
-    """Test accuracy (after fine-tuning) against parameter count, per family."""
+    """Test accuracy against the convolutions' parameter count, per family.
+
+    Solid: after K-FAC fine-tuning; dashed: right after the decomposition.
+    """
     figure, axes = plt.subplots(figsize=(5.5, 3.5))
     for family, marker in (("dense", "s"), ("cp", "o"), ("tucker", "^")):
-        points = sorted(
-            (r["parameters"], 100 * r["accuracy"])
-            for r in rows
-            if r["family"] == family
+        chosen = sorted(
+            (r for r in rows if r["family"] == family),
+            key=lambda r: r["conv_parameters"],
         )
-        if points:
-            xs, ys = zip(*points)
-            axes.plot(xs, ys, marker=marker, label=family)
+        if not chosen:
+            continue
+        xs = [r["conv_parameters"] for r in chosen]
+        (line,) = axes.plot(
+            xs, [100 * r["accuracy"] for r in chosen], marker=marker, label=family
+        )
+        if family != "dense":
+            axes.plot(
+                xs,
+                [100 * r["decomposed"] for r in chosen],
+                marker=marker,
+                linestyle="--",
+                color=line.get_color(),
+                alpha=0.5,
+            )
     axes.set_xscale("log")
     axes.set_xlabel("parameters of the convolutions")
     axes.set_ylabel("test accuracy (%)")
-    axes.set_title("Demo CNN on digits: compressed convolutions, K-FAC fine-tuned")
+    axes.set_title("Demo CNN on digits (dashed: before fine-tuning)")
     axes.legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
