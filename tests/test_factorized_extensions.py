@@ -19,15 +19,18 @@ from factorized_cases import Case, model_pair, stage_sequence
 from test_second_order_reference import (
     assert_close,
     ggn,
+    kronecker_reference,
+    loss_hessian_sqrt,
     loss_parameter_hessian,
     output_jacobian,
     per_sample_ggn_diagonal,
     per_sample_hessian_diagonal,
     run,
     sampled_loss_hessian_sqrt,
+    unstack,
 )
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, jacrev, vmap
 
 from tnbackpack import backpack, extend
 from tnbackpack import extensions as ext
@@ -283,28 +286,40 @@ def test_kronecker_factors_are_those_of_the_stages(case: Case, approx: str):
             assert_close(mine, truth)
 
 
-def test_kronecker_factors_of_a_tensor_ring():
-    """TR factors have the Kronecker shapes of their stages; earlier layers agree."""
-    case = CASES[6]
+@pytest.mark.parametrize("approx", ["backpack", "expand", "reduce"])
+def test_kronecker_factors_of_a_tensor_ring_core(approx: str):
+    """KFLR of the first TR kernel core: the Kronecker factors of the Conv3d
+    ``r_0 -> r_1``, kernel ``(1, K_h, 1)``, on the input with the ring bond as
+    its first spatial axis, written here with einsum and torch's Conv3d."""
+    case = Case("tr", (2, 3, 2, 2), kwargs={"padding": 1})
     model, reference, x, y = data(case)
-    ours = run(model, nn.CrossEntropyLoss(), x, y, ext.KFLR(kfac_approx="expand"))[
-        "kflr"
-    ]
     layer = model[2]
-    for factor in layer.factor_plan():
-        b, a = ours[f"2.{factor.name}"]
-        spec = factor.stage
-        in_size = spec.in_channels // spec.groups
-        assert b.shape[-1] == spec.out_channels // spec.groups
-        assert a.shape[-1] == in_size * torch.Size(spec.kernel_size).numel()
-    # the first conv's factors depend on the square roots pulled back through the
-    # layer; compare them with the dense-kernel network (same function)
-    dense = nn.Sequential(model[0], model[1], layer.to_conv(), *model[3:])
-    theirs = run(dense, nn.CrossEntropyLoss(), x, y, ext.KFLR(kfac_approx="expand"))[
-        "kflr"
-    ]
-    for mine, truth in zip(ours["0.weight"], theirs["0.weight"]):
-        assert_close(mine, truth)
+    ours = run(model, nn.CrossEntropyLoss(), x, y, ext.KFLR(kfac_approx=approx))
+    ours = ours["kflr"]
+    first, core0, core1, last = (t.detach() for t in layer.factors.values())
+    r1, r0, kh = core0.shape
+    r2, _, kw = core1.shape
+    with torch.no_grad():
+        h = reference[1](reference[0](x))  # [N, C, H, W]
+        ringed = torch.einsum("azc,nchw->nazhw", first, h)  # stage input
+        stage = nn.Conv3d(r0, r1, (1, kh, 1), padding=(0, 1, 0), bias=False).double()
+        stage.weight.copy_(core0.reshape(r1, r0, 1, kh, 1))
+        u = stage(ringed)  # the stage output [N, r_1, r_z, H, W]
+
+    def tail(sample: Tensor) -> Tensor:  # stage output -> model output, one sample
+        w = torch.nn.functional.conv3d(
+            sample.unsqueeze(0), core1.reshape(r2, r1, 1, 1, kw), padding=(0, 0, 1)
+        )
+        z = torch.einsum("odz,ndzhw->nohw", last, w) + layer.bias.reshape(-1, 1, 1)
+        return reference[3:](z)[0]  # not extended: no BackPACK hooks
+
+    jacobian = vmap(jacrev(tail))(u)  # [N, classes, *u]
+    root = loss_hessian_sqrt(nn.CrossEntropyLoss(), reference(x), y)  # [V, N, C]
+    sqrt = torch.einsum("nc...,vnc->vn...", jacobian, root)
+    b, a, _ = kronecker_reference(stage, ringed, sqrt, approx)
+    mine_b, mine_a = ours["2.kernel_core_0"]
+    assert_close(mine_b, unstack(b))
+    assert_close(mine_a, unstack(a))
 
 
 def test_mixed_with_backpack_extensions():
