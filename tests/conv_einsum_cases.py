@@ -50,7 +50,9 @@ def pattern_reference(
     strides = per_letter(stride, conv, 1)
     dilations = per_letter(dilation, conv, 1)
     paddings = (
-        {c: padding for c in conv} if isinstance(padding, str) else per_letter(padding, conv, 0)
+        {c: padding for c in conv}
+        if isinstance(padding, str)
+        else per_letter(padding, conv, 0)
     )
     used = set("".join(inputs))
     fresh = iter(c for c in string.ascii_letters if c not in used)
@@ -76,7 +78,9 @@ def pattern_reference(
         pi = torch.zeros(*ks, size_out, size_in, dtype=operands[0].dtype)
         for taps in itertools.product(*(range(k) for k in ks)):
             for o in range(size_out):
-                real = read_position(s * o + d * sum(taps) - left, size_in, padding_mode)
+                real = read_position(
+                    s * o + d * sum(taps) - left, size_in, padding_mode
+                )
                 if real is not None:
                     pi[taps + (o, real)] += 1
         i_letter = next(fresh)
@@ -96,3 +100,23 @@ def grads(function, operands, grad_output):
     leaves = [op.detach().clone().requires_grad_(True) for op in operands]
     out = function(*leaves)
     return out, torch.autograd.grad(out, leaves, grad_output)
+
+
+def assert_matches(ours, reference, operands, dtype=torch.float64, tol=1e-10):
+    """``ours`` (run in ``dtype``) and ``reference`` (float64) agree on the
+    value and on the gradient of every operand, for one random output gradient.
+    """
+    operands = [op.double() for op in operands]
+    expected = reference(*operands)
+    grad_output = torch.randn_like(expected)
+    _, expected_grads = grads(reference, operands, grad_output)
+    out, got_grads = grads(
+        ours, [op.to(dtype) for op in operands], grad_output.to(dtype)
+    )
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+    for position, (got, want) in enumerate(zip(got_grads, expected_grads)):
+        torch.testing.assert_close(
+            got.double(), want, rtol=tol, atol=tol,
+            msg=lambda m, p=position: f"gradient of operand {p}: {m}",
+        )  # fmt: skip

@@ -7,7 +7,7 @@ own convolution; gradients by autograd through that reference.
 import pytest
 import torch
 import torch.nn.functional as F
-from conv_einsum_cases import grads, pattern_reference
+from conv_einsum_cases import assert_matches, grads, pattern_reference
 
 from tnbackpack import conv_einsum
 
@@ -18,71 +18,73 @@ def rand(*shape, dtype=torch.float64):
     return torch.randn(*shape, dtype=dtype)
 
 
-# name: (equation, factor shapes given C, O, R, K, rebuild equation -> kernel)
+# name: (equation, factor shapes given C, Co, R, K, rebuild equation -> kernel)
 LAYERS = {
-    "dense": ("nchw,ochw->nohw|hw", lambda C, O, R: [(O, C, 3, 3)], "ochw->ochw"),
+    "dense": ("nchw,ochw->nohw|hw", lambda C, Co, R: [(Co, C, 3, 3)], "ochw->ochw"),
     "cp": (
         "nchw,rc,rh,rw,or->nohw|hw",
-        lambda C, O, R: [(R, C), (R, 3), (R, 3), (O, R)],
+        lambda C, Co, R: [(R, C), (R, 3), (R, 3), (Co, R)],
         "rc,rh,rw,or->ochw",
     ),
     "cp_weights": (
         "nchw,rc,rh,rw,or,r->nohw|hw",
-        lambda C, O, R: [(R, C), (R, 3), (R, 3), (O, R), (R,)],
+        lambda C, Co, R: [(R, C), (R, 3), (R, 3), (Co, R), (R,)],
         "rc,rh,rw,or,r->ochw",
     ),
     "tucker2": (
         "nchw,ca,abhw,ob->nohw|hw",
-        lambda C, O, R: [(C, R), (R, R + 1, 3, 3), (O, R + 1)],
+        lambda C, Co, R: [(C, R), (R, R + 1, 3, 3), (Co, R + 1)],
         "ca,abhw,ob->ochw",
     ),
     "tucker": (
         "nchw,ca,hp,wq,abpq,ob->nohw|hw",
-        lambda C, O, R: [(C, R), (3, 2), (3, 2), (R, R, 2, 2), (O, R)],
+        lambda C, Co, R: [(C, R), (3, 2), (3, 2), (R, R, 2, 2), (Co, R)],
         "ca,hp,wq,abpq,ob->ochw",
     ),
     "tt": (
         "nchw,ca,ahb,bwd,do->nohw|hw",
-        lambda C, O, R: [(C, R), (R, 3, R), (R, 3, R), (R, O)],
+        lambda C, Co, R: [(C, R), (R, 3, R), (R, 3, R), (R, Co)],
         "ca,ahb,bwd,do->ochw",
     ),
     "tr": (
         "nchw,eca,ahb,bwd,doe->nohw|hw",
-        lambda C, O, R: [(2, C, R), (R, 3, R), (R, 3, R), (R, O, 2)],
+        lambda C, Co, R: [(2, C, R), (R, 3, R), (R, 3, R), (R, Co, 2)],
         "eca,ahb,bwd,doe->ochw",
     ),
     "depthwise_separable": (
         "nchw,chw,oc->nohw|hw",
-        lambda C, O, R: [(C, 3, 3), (O, C)],
+        lambda C, Co, R: [(C, 3, 3), (Co, C)],
         "chw,oc->ochw",
     ),
 }
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
-@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 0, 2), (2, "valid", 1)])
+@pytest.mark.parametrize(
+    "stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 0, 2), (2, "valid", 1)]
+)
 def test_factorized_layer_vs_rebuilt_kernel(name, stride, padding, dilation):
     torch.manual_seed(0)
     equation, factor_shapes, rebuild = LAYERS[name]
-    C, O, R = 3, 4, 2
+    C, Co, R = 3, 4, 2
     x = rand(2, C, 7, 6)
-    factors = [rand(*s) for s in factor_shapes(C, O, R)]
+    factors = [rand(*s) for s in factor_shapes(C, Co, R)]
 
     def reference(x, *fs):
         return F.conv2d(
-            x, torch.einsum(rebuild, *fs), stride=stride, padding=padding, dilation=dilation
+            x,
+            torch.einsum(rebuild, *fs),
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
         )
 
     def ours(*ops):
-        return conv_einsum(equation, *ops, stride=stride, padding=padding, dilation=dilation)
+        return conv_einsum(
+            equation, *ops, stride=stride, padding=padding, dilation=dilation
+        )
 
-    expected = reference(x, *factors)
-    gy = torch.randn_like(expected)
-    out, g = grads(ours, [x, *factors], gy)
-    ref, g_ref = grads(reference, [x, *factors], gy)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert_matches(ours, reference, [x, *factors])
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
@@ -91,56 +93,54 @@ def test_cp_any_dimension_and_padding_mode(dims, padding_mode):
     """CP with 1, 2, 3 convolution letters vs nn.Conv*d with the rebuilt kernel."""
     torch.manual_seed(1)
     spatial = "hwd"[:dims]
-    equation = f"nc{spatial},rc,{','.join('r' + s for s in spatial)},or->no{spatial}|{spatial}"
-    C, O, R = 3, 2, 4
+    equation = (
+        f"nc{spatial},rc,{','.join('r' + s for s in spatial)},or->no{spatial}|{spatial}"
+    )
+    C, Co, R = 3, 2, 4
     x = rand(2, C, *[6, 5, 4][:dims])
-    factors = [rand(R, C)] + [rand(R, 3) for _ in spatial] + [rand(O, R)]
+    factors = [rand(R, C)] + [rand(R, 3) for _ in spatial] + [rand(Co, R)]
     rebuild = f"rc,{','.join('r' + s for s in spatial)},or->oc{spatial}"
     stride = tuple([2, 1, 1][:dims])
 
     def reference(x, *fs):
         conv = getattr(torch.nn, f"Conv{dims}d")(
-            C, O, 3, stride=stride, padding=1, padding_mode=padding_mode, bias=False
+            C, Co, 3, stride=stride, padding=1, padding_mode=padding_mode, bias=False
         ).double()
         weight = torch.einsum(rebuild, *fs)
         return torch.func.functional_call(conv, {"weight": weight}, (x,))
 
     def ours(*ops):
-        return conv_einsum(equation, *ops, stride=stride, padding=1, padding_mode=padding_mode)
+        return conv_einsum(
+            equation, *ops, stride=stride, padding=1, padding_mode=padding_mode
+        )
 
-    expected = reference(x, *factors)
-    gy = torch.randn_like(expected)
-    out, g = grads(ours, [x, *factors], gy)
-    ref, g_ref = grads(reference, [x, *factors], gy)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert_matches(ours, reference, [x, *factors])
 
 
 def test_groups_as_shared_letter():
     """``ngchw,gochw->ngohw`` is a grouped Conv2d."""
     torch.manual_seed(2)
-    G, C, O = 3, 2, 4
-    x, w = rand(2, G * C, 6, 6), rand(G * O, C, 3, 3)
-    expected = F.conv2d(x, w, padding=1, groups=G, stride=2)
-    gy = torch.randn_like(expected)
+    G, C, Co = 3, 2, 4
+    x, w = rand(2, G * C, 6, 6), rand(G * Co, C, 3, 3)
+    expected_shape = (2, G * Co, 3, 3)
 
     def ours(x, w):
         y = conv_einsum(
-            "ngchw,gochw->ngohw|hw", x.reshape(2, G, C, 6, 6), w.reshape(G, O, C, 3, 3),
-            padding=1, stride=2,
+            "ngchw,gochw->ngohw|hw",
+            x.reshape(2, G, C, 6, 6),
+            w.reshape(G, Co, C, 3, 3),
+            padding=1,
+            stride=2,
         )
-        return y.reshape(expected.shape)
+        return y.reshape(expected_shape)
 
-    out, g = grads(ours, [x, w], gy)
-    ref, g_ref = grads(lambda x, w: F.conv2d(x, w, padding=1, groups=G, stride=2), [x, w], gy)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert_matches(
+        ours, lambda x, w: F.conv2d(x, w, padding=1, groups=G, stride=2), [x, w]
+    )
 
 
 def test_reshaped_cp_layer():
-    """Reshaped CP (C = c·d, O = o·p) vs the rebuilt [O, C, 3, 3] kernel."""
+    """Reshaped CP (C = c·d, Co = o·p) vs the rebuilt [Co, C, 3, 3] kernel."""
     torch.manual_seed(3)
     c, d, o, p, R = 2, 3, 2, 2, 3
     x = rand(2, c * d, 5, 5)
@@ -151,16 +151,12 @@ def test_reshaped_cp_layer():
         return F.conv2d(x, w, padding=1)
 
     def ours(x, *fs):
-        y = conv_einsum("ncdhw,cor,dpr,hr,wr->nophw|hw", x.reshape(2, c, d, 5, 5), *fs, padding=1)
+        y = conv_einsum(
+            "ncdhw,cor,dpr,hr,wr->nophw|hw", x.reshape(2, c, d, 5, 5), *fs, padding=1
+        )
         return y.reshape(2, o * p, 5, 5)
 
-    expected = reference(x, *factors)
-    gy = torch.randn_like(expected)
-    out, g = grads(ours, [x, *factors], gy)
-    ref, g_ref = grads(reference, [x, *factors], gy)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert_matches(ours, reference, [x, *factors])
 
 
 def test_two_kernels_on_one_letter_add_taps():
@@ -169,14 +165,23 @@ def test_two_kernels_on_one_letter_add_taps():
     x, a, b = rand(2, 3, 9), rand(3, 3), rand(3, 2)
     # full convolution of the two kernels, written with F.conv1d (flipped).
     combined = F.conv1d(a.unsqueeze(0), b.flip(-1).unsqueeze(1), padding=1, groups=3)[0]
-    expected = F.conv1d(x, combined.unsqueeze(1), groups=3, padding=2, stride=2, dilation=2)
+    expected = F.conv1d(
+        x, combined.unsqueeze(1), groups=3, padding=2, stride=2, dilation=2
+    )
     out = conv_einsum("nch,ch,ch->nch|h", x, a, b, padding=2, stride=2, dilation=2)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     gy = torch.randn_like(out)
-    _, g = grads(lambda *o: conv_einsum("nch,ch,ch->nch|h", *o, padding=2, stride=2, dilation=2), [x, a, b], gy)
+    _, g = grads(
+        lambda *o: conv_einsum("nch,ch,ch->nch|h", *o, padding=2, stride=2, dilation=2),
+        [x, a, b],
+        gy,
+    )
     _, g_ref = grads(
-        lambda *o: pattern_reference("nch,ch,ch->nch|h", *o, padding=2, stride=2, dilation=2),
-        [x, a, b], gy,
+        lambda *o: pattern_reference(
+            "nch,ch,ch->nch|h", *o, padding=2, stride=2, dilation=2
+        ),
+        [x, a, b],
+        gy,
     )
     for u, v in zip(g, g_ref):
         torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
@@ -188,15 +193,21 @@ def test_float32_cp_resnet_like():
     C, R = 16, 8
     ops = [rand(4, C, 14, 14), rand(R, C), rand(R, 3), rand(R, 3), rand(C, R)]
     equation = "nchw,rc,rh,rw,or->nohw|hw"
-    expected = F.conv2d(ops[0], torch.einsum("rc,rh,rw,or->ochw", *ops[1:]), padding=1, stride=2)
+    expected = F.conv2d(
+        ops[0], torch.einsum("rc,rh,rw,or->ochw", *ops[1:]), padding=1, stride=2
+    )
     gy = torch.randn_like(expected)
     _, g_ref = grads(
-        lambda x, *f: F.conv2d(x, torch.einsum("rc,rh,rw,or->ochw", *f), padding=1, stride=2),
-        ops, gy,
+        lambda x, *f: F.conv2d(
+            x, torch.einsum("rc,rh,rw,or->ochw", *f), padding=1, stride=2
+        ),
+        ops,
+        gy,
     )
     out, g = grads(
         lambda *o: conv_einsum(equation, *o, padding=1, stride=2),
-        [op.float() for op in ops], gy.float(),
+        [op.float() for op in ops],
+        gy.float(),
     )
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
     for a, b in zip(g, g_ref):

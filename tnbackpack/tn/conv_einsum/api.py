@@ -85,12 +85,16 @@ def _prepare(
     equation: str, shapes, stride, padding, dilation, padding_mode, optimize
 ) -> Tuple[Network, dict]:
     if optimize not in OPTIMIZE:
-        raise ValueError(f"conv_einsum: optimize must be one of {OPTIMIZE}, got {optimize!r}")
+        raise ValueError(
+            f"conv_einsum: optimize must be one of {OPTIMIZE}, got {optimize!r}"
+        )
     try:
         key = (_freeze(stride), _freeze(padding), _freeze(dilation))
         hash(key)
     except TypeError:  # unhashable values: let describe() name the culprit
-        return describe(parse(equation), shapes, stride, padding, dilation, padding_mode)[::-1]
+        return describe(
+            parse(equation), shapes, stride, padding, dilation, padding_mode
+        )[::-1]
     return network_of(equation, tuple(map(tuple, shapes)), *key, padding_mode)
 
 
@@ -233,7 +237,9 @@ def _describe_steps(network: Network, contraction: Contraction) -> Tuple[PathSte
     return tuple(out)
 
 
-def _opt_einsum_path(network: Network, contraction: Contraction) -> List[Tuple[int, int]]:
+def _opt_einsum_path(
+    network: Network, contraction: Contraction
+) -> List[Tuple[int, int]]:
     """The steps as positions in a shrinking operand list (opt_einsum style)."""
     groups = [1 << i for i in range(len(network.subscripts)) if i != contraction.node]
     path = []
@@ -260,8 +266,11 @@ def conv_einsum_path(
     Args:
         equation: As for :func:`conv_einsum`.
         *operands: Tensors or shapes.
-        stride, padding, dilation, padding_mode, optimize: As for
-            :func:`conv_einsum`.
+        stride: As for :func:`conv_einsum`.
+        padding: As for :func:`conv_einsum`.
+        dilation: As for :func:`conv_einsum`.
+        padding_mode: As for :func:`conv_einsum`.
+        optimize: As for :func:`conv_einsum`.
         itemsize: Bytes per entry when shapes are given (tensors: theirs).
         gradients: Also plan the gradients of every operand.
 
@@ -272,10 +281,14 @@ def conv_einsum_path(
     """
     if not operands:
         raise ValueError("conv_einsum_path: no operands given")
-    shapes = [tuple(op.shape) if isinstance(op, Tensor) else tuple(op) for op in operands]
+    shapes = [
+        tuple(op.shape) if isinstance(op, Tensor) else tuple(op) for op in operands
+    ]
     if isinstance(operands[0], Tensor):
         itemsize = operands[0].element_size()
-    network, _ = _prepare(equation, shapes, stride, padding, dilation, padding_mode, optimize)
+    network, _ = _prepare(
+        equation, shapes, stride, padding, dilation, padding_mode, optimize
+    )
     wanted = tuple(range(len(shapes))) if gradients else ()
     chosen = plan(network, itemsize, wanted)
     info = PathInfo(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Dict, Mapping, Tuple
 
-import torch
 from torch import Tensor
 
 from .legs import Part, part, target
@@ -30,10 +29,14 @@ def _to_side(tensor: Tensor, letters: str, legs: Mapping, side: Side) -> Named:
 
 def leaf(network: Network, node: int, tensor: Tensor, out: Part) -> Named:
     """A node's tensor in the coordinates of ``out`` (a part of one node)."""
-    return _to_side(tensor, network.subscripts[node], dict(network.legs[node]), Side.of(out))
+    return _to_side(
+        tensor, network.subscripts[node], dict(network.legs[node]), Side.of(out)
+    )
 
 
-def run_step(step: Step, a: Named, b: Named, legs_a, legs_b, top: bool = False) -> Named:
+def run_step(
+    step: Step, a: Named, b: Named, legs_a, legs_b, top: bool = False
+) -> Named:
     """One step on tensors in the coordinates of their parts."""
     (ta, la), (tb, lb) = _to_side(*a, legs_a, step.a), _to_side(*b, legs_b, step.b)
     for letter, start, length in step.cuts[0]:
@@ -43,7 +46,9 @@ def run_step(step: Step, a: Named, b: Named, legs_a, legs_b, top: bool = False) 
     if step.method == "einsum":
         return run_matmul(ta, la, tb, lb, step.out.letters, not top)
     if step.method == "pattern":
-        return run_pattern(ta, la, dict(step.a.legs), tb, lb, dict(step.b.legs), step.out)
+        return run_pattern(
+            ta, la, dict(step.a.legs), tb, lb, dict(step.b.legs), step.out
+        )
     return run_conv(step.layout, ta, la, tb, lb)
 
 
@@ -78,7 +83,8 @@ def execute(
                 operands.append(store[mask])
             store[step.result] = run_step(
                 step, operands[0], operands[1],
-                dict(part(network, step.left).legs), dict(part(network, step.right).legs),
+                dict(part(network, step.left).legs),
+                dict(part(network, step.right).legs),
                 step.result == full,
             )  # fmt: skip
         result = store.pop(full)

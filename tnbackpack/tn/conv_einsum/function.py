@@ -32,9 +32,7 @@ class ConvEinsum(torch.autograd.Function):
         chosen = plan(network, itemsize, wanted)
         store = {}
         with torch.no_grad():
-            output = execute(
-                network, chosen.forward, dict(enumerate(operands)), store
-            )
+            output = execute(network, chosen.forward, dict(enumerate(operands)), store)
         if wanted:
             masks = sorted(chosen.saved)
             ctx.masks = masks

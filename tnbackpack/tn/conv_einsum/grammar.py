@@ -78,11 +78,15 @@ def parse(equation: str) -> Equation:
     _check_letters(output, f"the output ({output!r})")
     conv_letters = conv_text.replace(",", "")
     _check_letters(conv_letters, f"the convolution letters ({conv_text!r})")
-    for subs, where in ((output, "the output"), (conv_letters, "the convolution letters")):
+    for subs, where in (
+        (output, "the output"),
+        (conv_letters, "the convolution letters"),
+    ):
         repeated = sorted({c for c in subs if subs.count(c) > 1})
         if repeated:
             raise ValueError(
-                f"conv_einsum: letter {repeated[0]!r} repeated in {where} of {equation!r}"
+                f"conv_einsum: letter {repeated[0]!r} repeated in {where} of "
+                f"{equation!r}"
             )
     held = set("".join(inputs))
     for letter in output:

@@ -104,7 +104,9 @@ def _side(network: Network, mask: int, other: int, out: Part) -> Side:
     return Side(own.letters, tuple(sizes), tuple(legs.items()))
 
 
-def step_cost(a: Side, b: Side, out: Part, itemsize: int) -> Tuple[str, Optional[Layout], int, int, float]:
+def step_cost(
+    a: Side, b: Side, out: Part, itemsize: int
+) -> Tuple[str, Optional[Layout], int, int, float]:
     """Method, layout, FLOPs, bytes and estimated seconds of one step."""
     legs_a, legs_b = dict(a.legs), dict(b.legs)
     shared_conv = [c for c in a.letters if c in legs_a and c in legs_b]
@@ -113,7 +115,9 @@ def step_cost(a: Side, b: Side, out: Part, itemsize: int) -> Tuple[str, Optional
         sizes = dict(zip(a.letters, a.sizes))
         sizes.update(zip(b.letters, b.sizes))
         flops = 2 * math.prod(sizes.values())
-        inner = math.prod(sizes[c] for c in a.letters if c in b.letters and c not in out.letters)
+        inner = math.prod(
+            sizes[c] for c in a.letters if c in b.letters and c not in out.letters
+        )
         rate = MATMUL_FLOPS * min(1.0, inner / INNER_KNEE)
         seconds = flops / rate + moved / BANDWIDTH + OVERHEAD
         return "einsum", None, flops, moved, seconds
@@ -121,12 +125,15 @@ def step_cost(a: Side, b: Side, out: Part, itemsize: int) -> Tuple[str, Optional
     if lay is None:
         sizes = dict(zip(a.letters, a.sizes))
         sizes.update(zip(b.letters, b.sizes))
-        flops = 2 * math.prod(
-            sizes[c] for c in sizes if c not in shared_conv
-        ) * math.prod(
-            dict(zip(a.letters, a.sizes))[c] * dict(zip(b.letters, b.sizes))[c]
-            * (dict(zip(out.letters, out.sizes)).get(c, 1))
-            for c in shared_conv
+        flops = (
+            2
+            * math.prod(sizes[c] for c in sizes if c not in shared_conv)
+            * math.prod(
+                dict(zip(a.letters, a.sizes))[c]
+                * dict(zip(b.letters, b.sizes))[c]
+                * (dict(zip(out.letters, out.sizes)).get(c, 1))
+                for c in shared_conv
+            )
         )
         seconds = flops / MATMUL_FLOPS * 4 + 3 * moved / BANDWIDTH + OVERHEAD
         return "pattern", None, flops, moved, seconds
@@ -137,10 +144,22 @@ def step_cost(a: Side, b: Side, out: Part, itemsize: int) -> Tuple[str, Optional
     positions = math.prod(lay.in_sizes if lay.method == "transposed" else lay.out_sizes)
     flops = 2 * n_batch * groups * cin * cout * positions * math.prod(lay.kernel_sizes)
     if lay.method == "wgrad":
-        flops = 2 * n_batch * groups * cin * cout * math.prod(lay.out_sizes) * math.prod(lay.kernel_sizes)
+        flops = (
+            2
+            * n_batch
+            * groups
+            * cin
+            * cout
+            * math.prod(lay.out_sizes)
+            * math.prod(lay.kernel_sizes)
+        )
     rate = CONV_FLOPS
-    padded = 0 if lay.method == "transposed" else itemsize * math.prod(signal.sizes) * any(
-        left != right or left < 0 for left, right in lay.pad
+    padded = (
+        0
+        if lay.method == "transposed"
+        else itemsize
+        * math.prod(signal.sizes)
+        * any(left != right or left < 0 for left, right in lay.pad)
     )
     seconds = flops / rate + (moved + 2 * padded) / BANDWIDTH + OVERHEAD
     return lay.method, lay, flops, moved + padded, seconds
@@ -226,7 +245,8 @@ def _exact(network, full, node, itemsize, free) -> Tuple[Step, ...]:
         best[1 << i] = (0.0, ())
     # subsets of ``full`` in order of size
     subsets = sorted(
-        (m for m in _submasks(full) if bin(m).count("1") > 1), key=lambda m: bin(m).count("1")
+        (m for m in _submasks(full) if bin(m).count("1") > 1),
+        key=lambda m: bin(m).count("1"),
     )
     for mask in subsets:
         if mask in free and mask != full:
@@ -262,7 +282,7 @@ def _greedy(network, full, node, itemsize, free) -> Tuple[Step, ...]:
     while len(groups) > 1:
         options = []
         for i, a in enumerate(groups):
-            for b in groups[i + 1:]:
+            for b in groups[i + 1 :]:
                 top = node if a | b == full else -1
                 shares = set(part(network, a).letters) & set(part(network, b).letters)
                 if not shares and top < 0:
@@ -271,7 +291,9 @@ def _greedy(network, full, node, itemsize, free) -> Tuple[Step, ...]:
                 options.append((0.0 if (a | b) in free else step.seconds, step))
         if not options:
             a, b = groups[0], groups[1]
-            options = [(0.0, _pair(network, a, b, node if a | b == full else -1, itemsize))]
+            options = [
+                (0.0, _pair(network, a, b, node if a | b == full else -1, itemsize))
+            ]
         _, step = min(options, key=lambda o: o[0])
         groups = [g for g in groups if g not in (step.left, step.right)] + [step.result]
         if step.result not in free:

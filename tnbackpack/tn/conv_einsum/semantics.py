@@ -96,7 +96,8 @@ def _per_letter(name: str, value, conv: Tuple[str, ...], default) -> Dict[str, o
     if isinstance(value, (tuple, list)):
         if len(value) != len(conv):
             raise ValueError(
-                f"conv_einsum: {name}={tuple(value)} has {len(value)} entries but there "
+                f"conv_einsum: {name}={tuple(value)} has {len(value)} entries but "
+                f"there "
                 f"are {len(conv)} convolution letters {''.join(conv)!r}"
             )
         return dict(zip(conv, value))

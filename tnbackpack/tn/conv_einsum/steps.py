@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import autotune
 from .legs import Leg, Part
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -118,15 +119,25 @@ def layout(a: Side, b: Side, out: Part) -> Optional[Layout]:
     # order every intermediate keeps them in: so channels-last stays a view
     spatial = "".join(c for c in a.letters if c in shared or c in ride)
     batch = "".join(c for c in a.letters if c not in b.letters and c not in ride)
-    group = "".join(c for c in a.letters if c in b.letters and c not in legs_a and c in out.letters)
-    cin = "".join(c for c in a.letters if c in b.letters and c not in legs_a and c not in out.letters)
+    group = "".join(
+        c for c in a.letters if c in b.letters and c not in legs_a and c in out.letters
+    )
+    cin = "".join(
+        c
+        for c in a.letters
+        if c in b.letters and c not in legs_a and c not in out.letters
+    )
     cout = "".join(c for c in b.letters if c not in a.letters)
     closed = "".join(c for c in shared if c not in out.letters)
     stride, dilation, pad, n_in, n_k, n_out = [], [], [], [], [], []
     for c in spatial:
         la = legs_a[c]
         if c in ride:
-            stride.append(1), dilation.append(1), pad.append((0, 1) if transposed else (0, 0))
+            (
+                stride.append(1),
+                dilation.append(1),
+                pad.append((0, 1) if transposed else (0, 0)),
+            )
             n_in.append(la.size), n_k.append(1), n_out.append(la.size)
             continue
         lb = legs_b[c]
@@ -199,13 +210,25 @@ def run_conv(lay: Layout, a: Tensor, la: str, b: Tensor, lb: str) -> Tuple[Tenso
         w = w.reshape(groups * n_cin, n_cout, *lay.kernel_sizes)
         crop = []
         for n_in, n_k, s, d, (start, step), n_out in zip(
-            lay.in_sizes, lay.kernel_sizes, lay.stride, lay.dilation, lay.pad, lay.out_sizes
+            lay.in_sizes,
+            lay.kernel_sizes,
+            lay.stride,
+            lay.dilation,
+            lay.pad,
+            lay.out_sizes,
         ):
             full = s * (n_in - 1) + d * (n_k - 1) + 1
             last = start + step * (n_out - 1)
             crop.append(max(0, min(start, full - 1 - last)))
-        y = _CONV_T[num](x, w, stride=lay.stride, padding=crop, dilation=lay.dilation, groups=groups)
-        y = _windows(y, 2, [(start - p, step) for (start, step), p in zip(lay.pad, crop)], lay.out_sizes)
+        y = _CONV_T[num](
+            x, w, stride=lay.stride, padding=crop, dilation=lay.dilation, groups=groups
+        )
+        y = _windows(
+            y,
+            2,
+            [(start - p, step) for (start, step), p in zip(lay.pad, crop)],
+            lay.out_sizes,
+        )
     else:
         if lay.method == "wgrad":
             x = _arrange(a, la, lay.cin + lay.group + lay.batch + lay.spatial)
@@ -217,7 +240,9 @@ def run_conv(lay: Layout, a: Tensor, la: str, b: Tensor, lb: str) -> Tuple[Tenso
                 x, padding = _pad_dims(x, 2, list(lay.pad)), [0] * num
             weight = torch.empty(
                 (groups * n_cout, n_batch, *lay.out_sizes),
-                dtype=x.dtype, device=x.device, memory_format=_format(x),
+                dtype=x.dtype,
+                device=x.device,
+                memory_format=_format(x),
             )
             y = torch.ops.aten.convolution_backward(
                 g, x, weight, None, list(lay.dilation), padding, list(lay.stride),
@@ -225,7 +250,7 @@ def run_conv(lay: Layout, a: Tensor, la: str, b: Tensor, lb: str) -> Tuple[Tenso
             )[1]  # fmt: skip
             y = y.reshape(groups, n_cout, n_batch, *lay.out_sizes)
             letters = lay.group + lay.cout + lay.batch + lay.spatial
-            y = y.reshape([sizes[c] for c in letters[: -num]] + list(lay.out_sizes))
+            y = y.reshape([sizes[c] for c in letters[:-num]] + list(lay.out_sizes))
             return _squeeze(y, letters, lay.closed)
         x = _arrange(a, la, lay.batch + lay.group + lay.cin + lay.spatial)
         x = x.reshape(n_batch, groups * n_cin, *lay.in_sizes)
@@ -234,9 +259,18 @@ def run_conv(lay: Layout, a: Tensor, la: str, b: Tensor, lb: str) -> Tuple[Tenso
         padding = _symmetric(lay.pad)
         if padding is None:
             x, padding = _pad_dims(x, 2, list(lay.pad)), 0
-        y = _CONV[num](x, w, stride=lay.stride, padding=padding, dilation=lay.dilation, groups=groups)
+        y = _CONV[num](
+            x,
+            w,
+            stride=lay.stride,
+            padding=padding,
+            dilation=lay.dilation,
+            groups=groups,
+        )
     letters = lay.batch + lay.group + lay.cout + lay.spatial
-    y = y.reshape([sizes[c] for c in lay.batch + lay.group + lay.cout] + list(lay.out_sizes))
+    y = y.reshape(
+        [sizes[c] for c in lay.batch + lay.group + lay.cout] + list(lay.out_sizes)
+    )
     return _squeeze(y, letters, lay.closed)
 
 
@@ -276,7 +310,7 @@ def window(t: Tensor, dim: int, start: int, step: int, size: int) -> Tensor:
     length = t.shape[dim]
     if start == 0 and step == 1 and size == length:
         return t
-    first = max(0, -(-(-start) // step)) if start < 0 else 0  # first p inside
+    first = max(0, -(start // step))  # first p inside t
     last = min(size - 1, (length - 1 - start) // step)
     if last < first:
         shape = list(t.shape)
@@ -311,13 +345,19 @@ def reindex(t: Tensor, dim: int, src: Leg, dst: Leg) -> Tensor:
         return t.new_zeros(shape)
     (p0, m0), (p1, m1) = found[0], found[-1]
     step = (m1 - m0) // (p1 - p0) if p1 > p0 else 1
-    regular = len(found) == p1 - p0 + 1 and step > 0 and all(
-        m == m0 + step * (p - p0) for p, m in found
+    regular = (
+        len(found) == p1 - p0 + 1
+        and step > 0
+        and all(m == m0 + step * (p - p0) for p, m in found)
     )
     if regular:
         return window(t, dim, m0 - step * p0, step, dst.size)
-    index = torch.tensor([m if m is not None else 0 for m in positions], device=t.device)
-    mask = torch.tensor([m is not None for m in positions], device=t.device, dtype=t.dtype)
+    index = torch.tensor(
+        [m if m is not None else 0 for m in positions], device=t.device
+    )
+    mask = torch.tensor(
+        [m is not None for m in positions], device=t.device, dtype=t.dtype
+    )
     shape = [1] * t.ndim
     shape[dim] = dst.size
     return t.index_select(dim, index) * mask.reshape(shape)
@@ -334,8 +374,15 @@ def pattern_tensor(a: Leg, b: Leg, m: Optional[Leg], dtype, device) -> Tensor:
     return (total[:, :, None] == vm[None, None, :]).to(dtype)
 
 
-def run_pattern(a: Tensor, la: str, legs_a: Dict[str, Leg], b: Tensor, lb: str,
-                legs_b: Dict[str, Leg], out: Part) -> Tuple[Tensor, str]:
+def run_pattern(
+    a: Tensor,
+    la: str,
+    legs_a: Dict[str, Leg],
+    b: Tensor,
+    lb: str,
+    legs_b: Dict[str, Leg],
+    out: Part,
+) -> Tuple[Tensor, str]:
     """A step through materialized index patterns (any roles, any count)."""
     legs_out = dict(out.legs)
     free = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [
@@ -348,7 +395,15 @@ def run_pattern(a: Tensor, la: str, legs_a: Dict[str, Leg], b: Tensor, lb: str,
             sa, sb = free.pop(), free.pop()
             ta[la.index(c)], tb[lb.index(c)] = sa, sb
             keep = c in out.letters
-            operands.append(pattern_tensor(legs_a[c], legs_b[c], legs_out.get(c) if keep else None, a.dtype, a.device))
+            operands.append(
+                pattern_tensor(
+                    legs_a[c],
+                    legs_b[c],
+                    legs_out.get(c) if keep else None,
+                    a.dtype,
+                    a.device,
+                )
+            )
             subs.append(sa + sb + (c if keep else ""))
     equation = ",".join(["".join(ta), "".join(tb)] + subs) + "->" + out.letters
     return torch.einsum(equation, a, b, *operands), out.letters
@@ -380,6 +435,59 @@ def run_matmul(
     summed = _summed_batch(a, la, b, lb, contracted)
     if summed is not None:
         return summed
+    as_conv = _matmul_as_conv(a, la, b, lb, out, contracted, channels_last)
+    if as_conv is not None:
+        key = ("conv_einsum.matmul", la, lb, out, a.shape, b.shape, a.stride(),
+               b.stride(), channels_last)  # fmt: skip
+        return autotune.fastest(
+            key,
+            {
+                "conv1x1": as_conv,
+                "bmm": lambda: _bmm(a, la, b, lb, out, contracted, channels_last),
+            },
+        )[1]
+    return _bmm(a, la, b, lb, out, contracted, channels_last)
+
+
+def _matmul_as_conv(a, la, b, lb, out, contracted, channels_last):
+    """The product as a 1×1 ``F.conv1d`` (oneDNN), ``None`` if it needs a copy.
+
+    ``a`` is read as ``[batch, contracted, positions]`` (its letters before
+    the first contracted one in memory are the batch); the result is laid
+    out as :func:`_bmm` lays it out.
+    """
+    order = memory_order(a, la)
+    outer = order[: min(order.index(c) for c in contracted)]
+    inner = "".join(c for c in order if c not in contracted and c not in outer)
+    small_free = "".join(c for c in lb if c not in contracted)
+    if not _viewable(a, la, (outer, contracted, inner)):
+        return None
+    if not channels_last and not _viewable(a, la, (outer + contracted + inner,)):
+        return None  # a returned result keeps the signal's layout
+    sizes = dict(zip(la, a.shape))
+    sizes.update(zip(lb, b.shape))
+
+    def run() -> Tuple[Tensor, str]:
+        x = _arrange(a, la, outer + contracted + inner).view(
+            _count(sizes, outer), _count(sizes, contracted), _count(sizes, inner)
+        )
+        w = _arrange(b, lb, small_free + contracted).reshape(
+            _count(sizes, small_free), _count(sizes, contracted), 1
+        )
+        y = F.conv1d(x, w)
+        # the layout bmm would give, so that the measurement compares like
+        # with like (the next steps' speed depends on it)
+        if channels_last:
+            letters, y = outer + inner + small_free, y.transpose(1, 2).contiguous()
+        else:
+            letters, y = outer + small_free + inner, y.contiguous()
+        return y.view([sizes[c] for c in letters]), letters
+
+    return run
+
+
+def _bmm(a, la, b, lb, out, contracted, channels_last) -> Tuple[Tensor, str]:
+    """The product as one ``bmm`` (see :func:`run_matmul`)."""
     small_free = "".join(c for c in lb if c not in contracted)
     big_free = [c for c in memory_order(a, la) if c not in contracted]
     sizes = dict(zip(la, a.shape))
@@ -434,9 +542,26 @@ def _summed_batch(a: Tensor, la: str, b: Tensor, lb: str, contracted: str):
     b3 = _batched(b, lb, dict(zip(lb, b.shape)), prefix, rest, free_b)
     if a3 is None or b3 is None:
         return None
-    result = torch.bmm(a3, b3.transpose(1, 2)).sum(0)
-    shape = [sizes[c] for c in free_a] + [b.shape[lb.index(c)] for c in free_b]
-    return result.reshape(shape), free_a + free_b
+    shape_a = [sizes[c] for c in free_a]
+    shape_b = [b.shape[lb.index(c)] for c in free_b]
+
+    def by_bmm() -> Tuple[Tensor, str]:
+        result = torch.bmm(a3, b3.transpose(1, 2)).sum(0)
+        return result.reshape(shape_a + shape_b), free_a + free_b
+
+    def by_weight_gradient() -> Tuple[Tensor, str]:
+        # Σ_s a[s] b[s]ᵀ is the weight gradient of a 1×1 conv1d whose input
+        # is a (channels free_a, positions rest) and output gradient b
+        weight = a3.new_empty(b3.shape[1], a3.shape[1], 1)
+        result = torch.ops.aten.convolution_backward(
+            b3, a3, weight, None, [1], [0], [1], False, [0], 1,
+            [False, True, False],
+        )[1]  # fmt: skip
+        return result.reshape(shape_b + shape_a), free_b + free_a
+
+    key = ("conv_einsum.summed", la, lb, a.shape, b.shape, a.stride(), b.stride(),
+           contracted)  # fmt: skip
+    return autotune.fastest(key, {"wgrad1x1": by_weight_gradient, "bmm": by_bmm})[1]
 
 
 def _batched(a: Tensor, la: str, sizes, outer: str, contracted: str, inner: str):
@@ -449,7 +574,9 @@ def _batched(a: Tensor, la: str, sizes, outer: str, contracted: str, inner: str)
     if _viewable(a, la, (outer, inner, contracted)):
         return _arrange(a, la, outer + inner + contracted).view(shape)
     if _viewable(a, la, (outer, contracted, inner)):
-        view = _arrange(a, la, outer + contracted + inner).view(shape[0], shape[2], shape[1])
+        view = _arrange(a, la, outer + contracted + inner).view(
+            shape[0], shape[2], shape[1]
+        )
         return view.transpose(1, 2)
     return None
 
