@@ -8,29 +8,25 @@ diagonals, Kronecker factors) the weight quantity of its stage, which the
 engine already computes. Factors are stored in their stage's weight layout
 (output channels first, then input channels per group, then taps), without the
 stage's unit kernel axes, so ``factor.reshape(stage.weight_shape())`` is the
-stage weight and ``factor.flatten(1)`` its ``[C_out, C_in/G·∏K]`` matrix.
+stage weight (and, but for the TR input core, ``factor.flatten(1)`` its
+``[C_out, C_in/G·∏K]`` matrix).
 
 Stages for a layer with ``G`` groups, ``C_in → C_out`` channels, kernel
 ``K_1 × … × K_d`` (ranks are per group):
 
-=========  ===============================  =================================
-layer       factor ``[shape]``                stage
-=========  ===============================  =================================
-CP R        ``input_factor [G·R, C_in/G]``    1×1, ``C_in → G·R``, ``G`` groups
-            ``kernel_factor_i [G·R, K_i]``    depthwise along axis ``i``
-            ``output_factor [C_out, R]``      1×1, ``G·R → C_out``, bias
-Tucker-2    ``input_factor [G·R_in, C_in/G]`` 1×1
-            ``core [G·R_out, R_in, *K]``      full kernel, ``G`` groups
-            ``output_factor [C_out, R_out]``  1×1, bias
-TT          ``input_core [G·r_0, C_in/G]``    1×1
-            ``kernel_core_i [G·r_i+1, r_i, K_i]``  along axis ``i``, bonds mix
-            ``output_core [C_out, r_d]``      1×1, bias
-TR          ``input_core [G·r_0, r_z, C_in/G]``  1×1 to ``(r_0, r_z)`` channels
-            ``kernel_core_i [G·r_i+1, r_i, K_i]``  along axis ``i`` of a
-                                              (d+1)-d conv whose first axis is
-                                              the ring bond (kernel 1)
-            ``output_core [C_out, r_d, r_z]``  1×1 from ``(r_d, r_z)``, bias
-=========  ===============================  =================================
+- CP ``R``: ``input_factor [G·R, C_in/G]`` (1×1, ``C_in → G·R``, ``G``
+  groups), ``kernel_factor_i [G·R, K_i]`` (depthwise along axis ``i``),
+  ``output_factor [C_out, R]`` (1×1, ``G·R → C_out``, bias);
+- Tucker-2 ``(R_in, R_out)``: ``input_factor [G·R_in, C_in/G]`` (1×1),
+  ``core [G·R_out, R_in, *K]`` (full kernel, ``G`` groups),
+  ``output_factor [C_out, R_out]`` (1×1, bias);
+- TT ``(r_0, …, r_d)``: ``input_core [G·r_0, C_in/G]`` (1×1),
+  ``kernel_core_i [G·r_i+1, r_i, K_i]`` (along axis ``i``, mixing bonds),
+  ``output_core [C_out, r_d]`` (1×1, bias);
+- TR ``(r_0, …, r_d, r_z)``: ``input_core [G·r_0, r_z, C_in/G]`` (1×1 to
+  ``(r_0, r_z)`` channels), ``kernel_core_i`` as TT but on a (d+1)-d
+  convolution whose first axis is the ring bond (kernel size 1),
+  ``output_core [C_out, r_d, r_z]`` (1×1 from ``(r_d, r_z)`` channels, bias).
 
 Stride, padding, dilation and padding mode act on the spatial stages, one axis
 at a time; the 1×1 stages stay plain. This is exact for every padding mode:
