@@ -193,85 +193,88 @@ def run_conv(lay: Layout, a: Tensor, la: str, b: Tensor, lb: str) -> Tuple[Tenso
         a, la, b, lb = b, lb, a, la
     sizes = dict(zip(la, a.shape))
     sizes.update(zip(lb, b.shape))
-    num = len(lay.spatial)
-    groups = math.prod(sizes[c] for c in lay.group)
-    n_batch = math.prod(sizes[c] for c in lay.batch)
-    n_cin = math.prod(sizes[c] for c in lay.cin)
-    n_cout = math.prod(sizes[c] for c in lay.cout)
-    kernel_order = lay.spatial
-    b_full = b
-    for c in lay.spatial:
+    for c in lay.spatial:  # ride-along letters: kernel size 1
         if c not in lb:
-            b_full, lb = b_full.unsqueeze(-1), lb + c
-    if lay.method == "transposed":
-        x = _arrange(a, la, lay.batch + lay.group + lay.cin + lay.spatial)
-        x = x.reshape(n_batch, groups * n_cin, *lay.in_sizes)
-        w = _arrange(b_full, lb, lay.group + lay.cin + lay.cout + kernel_order)
-        w = w.reshape(groups * n_cin, n_cout, *lay.kernel_sizes)
-        crop = []
-        for n_in, n_k, s, d, (start, step), n_out in zip(
-            lay.in_sizes,
-            lay.kernel_sizes,
-            lay.stride,
-            lay.dilation,
-            lay.pad,
-            lay.out_sizes,
-        ):
-            full = s * (n_in - 1) + d * (n_k - 1) + 1
-            last = start + step * (n_out - 1)
-            crop.append(max(0, min(start, full - 1 - last)))
-        y = _CONV_T[num](
-            x, w, stride=lay.stride, padding=crop, dilation=lay.dilation, groups=groups
-        )
-        y = _windows(
-            y,
-            2,
-            [(start - p, step) for (start, step), p in zip(lay.pad, crop)],
-            lay.out_sizes,
-        )
-    else:
-        if lay.method == "wgrad":
-            x = _arrange(a, la, lay.cin + lay.group + lay.batch + lay.spatial)
-            x = x.reshape(n_cin, groups * n_batch, *lay.in_sizes)
-            g = _arrange(b_full, lb, lay.cin + lay.group + lay.cout + kernel_order)
-            g = g.reshape(n_cin, groups * n_cout, *lay.kernel_sizes)
-            padding = _symmetric(lay.pad)
-            if padding is None:
-                x, padding = _pad_dims(x, 2, list(lay.pad)), [0] * num
-            weight = torch.empty(
-                (groups * n_cout, n_batch, *lay.out_sizes),
-                dtype=x.dtype,
-                device=x.device,
-                memory_format=_format(x),
-            )
-            y = torch.ops.aten.convolution_backward(
-                g, x, weight, None, list(lay.dilation), padding, list(lay.stride),
-                False, [0] * num, groups, [False, True, False],
-            )[1]  # fmt: skip
-            y = y.reshape(groups, n_cout, n_batch, *lay.out_sizes)
-            letters = lay.group + lay.cout + lay.batch + lay.spatial
-            y = y.reshape([sizes[c] for c in letters[:-num]] + list(lay.out_sizes))
-            return _squeeze(y, letters, lay.closed)
-        x = _arrange(a, la, lay.batch + lay.group + lay.cin + lay.spatial)
-        x = x.reshape(n_batch, groups * n_cin, *lay.in_sizes)
-        w = _arrange(b_full, lb, lay.group + lay.cout + lay.cin + kernel_order)
-        w = w.reshape(groups * n_cout, n_cin, *lay.kernel_sizes)
-        padding = _symmetric(lay.pad)
-        if padding is None:
-            x, padding = _pad_dims(x, 2, list(lay.pad)), 0
-        y = _CONV[num](
-            x,
-            w,
-            stride=lay.stride,
-            padding=padding,
-            dilation=lay.dilation,
-            groups=groups,
-        )
-    letters = lay.batch + lay.group + lay.cout + lay.spatial
+            b, lb = b.unsqueeze(-1), lb + c
+    counts = {
+        role: math.prod(sizes[c] for c in getattr(lay, role))
+        for role in ("group", "batch", "cin", "cout")
+    }
+    run = {"transposed": _transposed, "wgrad": _weight_gradient}.get(lay.method, _conv)
+    y, letters = run(lay, a, la, b, lb, counts)
     y = y.reshape(
-        [sizes[c] for c in lay.batch + lay.group + lay.cout] + list(lay.out_sizes)
+        [sizes[c] for c in letters[: -len(lay.spatial)]] + list(lay.out_sizes)
     )
     return _squeeze(y, letters, lay.closed)
+
+
+def _conv(lay: Layout, a, la, b, lb, n) -> Tuple[Tensor, str]:
+    """``F.conv*d``: ``a`` the signal side, ``b`` the kernel side."""
+    x = _arrange(a, la, lay.batch + lay.group + lay.cin + lay.spatial)
+    x = x.reshape(n["batch"], n["group"] * n["cin"], *lay.in_sizes)
+    w = _arrange(b, lb, lay.group + lay.cout + lay.cin + lay.spatial)
+    w = w.reshape(n["group"] * n["cout"], n["cin"], *lay.kernel_sizes)
+    padding = _symmetric(lay.pad)
+    if padding is None:
+        x, padding = _pad_dims(x, 2, list(lay.pad)), 0
+    y = _CONV[len(lay.spatial)](
+        x, w, stride=lay.stride, padding=padding, dilation=lay.dilation,
+        groups=n["group"],
+    )  # fmt: skip
+    return y, lay.batch + lay.group + lay.cout + lay.spatial
+
+
+def _weight_gradient(lay: Layout, a, la, b, lb, n) -> Tuple[Tensor, str]:
+    """PyTorch's weight-gradient kernel.
+
+    ``b`` (the larger side) is the output gradient, ``a`` the input, the
+    result the "weight".
+    """
+    num = len(lay.spatial)
+    x = _arrange(a, la, lay.cin + lay.group + lay.batch + lay.spatial)
+    x = x.reshape(n["cin"], n["group"] * n["batch"], *lay.in_sizes)
+    g = _arrange(b, lb, lay.cin + lay.group + lay.cout + lay.spatial)
+    g = g.reshape(n["cin"], n["group"] * n["cout"], *lay.kernel_sizes)
+    padding = _symmetric(lay.pad)
+    if padding is None:
+        x, padding = _pad_dims(x, 2, list(lay.pad)), [0] * num
+    weight = torch.empty(
+        (n["group"] * n["cout"], n["batch"], *lay.out_sizes),
+        dtype=x.dtype, device=x.device, memory_format=_format(x),
+    )  # fmt: skip
+    y = torch.ops.aten.convolution_backward(
+        g, x, weight, None, list(lay.dilation), padding, list(lay.stride),
+        False, [0] * num, n["group"], [False, True, False],
+    )[1]  # fmt: skip
+    return y, lay.group + lay.cout + lay.batch + lay.spatial
+
+
+def _transposed(lay: Layout, a, la, b, lb, n) -> Tuple[Tensor, str]:
+    """``F.conv_transpose*d`` (both legs kernel-side).
+
+    The full output is cut to the result's positions; what the kernel's
+    symmetric padding can crop is not computed.
+    """
+    x = _arrange(a, la, lay.batch + lay.group + lay.cin + lay.spatial)
+    x = x.reshape(n["batch"], n["group"] * n["cin"], *lay.in_sizes)
+    w = _arrange(b, lb, lay.group + lay.cin + lay.cout + lay.spatial)
+    w = w.reshape(n["group"] * n["cin"], n["cout"], *lay.kernel_sizes)
+    crop = []
+    for n_in, n_k, s, d, (start, step), n_out in zip(
+        lay.in_sizes, lay.kernel_sizes, lay.stride, lay.dilation, lay.pad,
+        lay.out_sizes,
+    ):  # fmt: skip
+        full = s * (n_in - 1) + d * (n_k - 1) + 1
+        crop.append(max(0, min(start, full - 1 - (start + step * (n_out - 1)))))
+    y = _CONV_T[len(lay.spatial)](
+        x, w, stride=lay.stride, padding=crop, dilation=lay.dilation,
+        groups=n["group"],
+    )  # fmt: skip
+    for dim, ((start, step), p, size) in enumerate(
+        zip(lay.pad, crop, lay.out_sizes), start=2
+    ):
+        y = window(y, dim, start - p, step, size)
+    return y, lay.batch + lay.group + lay.cout + lay.spatial
 
 
 def _symmetric(pads) -> Optional[List[int]]:
@@ -296,13 +299,6 @@ def _squeeze(y: Tensor, letters: str, closed: str) -> Tuple[Tensor, str]:
     keep = [i for i, c in enumerate(letters) if c not in closed]
     y = y.reshape([y.shape[i] for i in keep])
     return y, "".join(letters[i] for i in keep)
-
-
-def _windows(y: Tensor, first: int, cuts: List[Tuple[int, int]], sizes) -> Tensor:
-    """Cut ``[start::step][:size]`` from dims ``first..``, zeros outside."""
-    for dim, ((start, step), size) in enumerate(zip(cuts, sizes), start=first):
-        y = window(y, dim, start, step, size)
-    return y
 
 
 def window(t: Tensor, dim: int, start: int, step: int, size: int) -> Tensor:
