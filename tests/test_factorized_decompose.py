@@ -105,3 +105,13 @@ def test_errors():
         LAYERS[1].from_conv(dense(), "cp", 2)
     with pytest.raises(ValueError, match="tensorly cannot decompose"):
         LAYERS[2].from_conv(dense(groups=2), "tr", (2, 2, 2, 2))
+
+
+def test_independent_of_tensorlys_global_backend():
+    """tensorly-torch sets tensorly's backend to PyTorch on import; still NumPy here."""
+    import tensorly
+
+    conv = dense()
+    with tensorly.backend_context("pytorch"):
+        layer = LAYERS[2].from_conv(conv, "tucker", (4, 6))
+    assert relative_error(layer, conv) < 1e-12

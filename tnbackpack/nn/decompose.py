@@ -152,7 +152,7 @@ def factorize_conv(
             f"{cls.__name__}.from_conv expects an nn.{expected.__name__}, "
             f"got {type(conv).__name__}"
         )
-    _tensorly()
+    tensorly = _tensorly()
     layer = cls(
         conv.in_channels,
         conv.out_channels,
@@ -175,7 +175,10 @@ def factorize_conv(
     pieces = []
     for block in blocks:
         try:
-            pieces.append(decompose(block, layer.rank, options))
+            # NumPy whatever the global backend is (importing tensorly-torch
+            # switches it to PyTorch for the whole process)
+            with tensorly.backend_context("numpy"):
+                pieces.append(decompose(block, layer.rank, options))
         except (ValueError, IndexError, np.linalg.LinAlgError) as error:
             raise ValueError(
                 f"{cls.__name__}.from_conv: tensorly cannot decompose the "
