@@ -63,3 +63,19 @@ def test_laplace(capsys):
     results = load("laplace").main(["--quick"])
     out = capsys.readouterr().out
     assert "noise: mean entropy" in out and len(results) == 2
+
+
+def test_compress(tmp_path, capsys):
+    pytest.importorskip("tensorly")
+    plot = tmp_path / "accuracy.png"
+    threads = str(torch.get_num_threads())
+    rows = load("compress").main(["--quick", "--plot", str(plot), "--threads", threads])
+    out = capsys.readouterr().out
+    assert [r["variant"] for r in rows] == [
+        "dense", "cp 50%", "cp 20%", "tucker 50%", "tucker 20%",
+    ]  # fmt: skip
+    dense = rows[0]["conv_parameters"]
+    for row in rows[1:]:
+        assert row["conv_parameters"] < dense and row["accuracy"] > 0.5
+        assert row["variant"] in out
+    assert plot.stat().st_size > 0

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 import tnbackpack
 from tnbackpack import extensions as tn_extensions
 from tnbackpack.extensions.layer import CONV_TYPES
+from tnbackpack.nn import FACTORIZED_CONV_TYPES
 
 # PyTorch warns on every pass whose first layer input needs no gradient.
 pytestmark = pytest.mark.filterwarnings(
@@ -75,10 +76,15 @@ def _module_extensions(extension: Any) -> Dict[type, Any]:
 
 @pytest.mark.parametrize("name", EXTENSIONS)
 def test_only_convolutions_are_replaced(name: str) -> None:
-    """One tnbackpack rule for all six conv types; BackPACK's everywhere else."""
+    """One tnbackpack rule for all six conv types; BackPACK's everywhere else.
+
+    tnbackpack adds rules for its own factorized convolutions.
+    """
     ours = _module_extensions(tn_extension(name))
     theirs = _module_extensions(bp_extension(name))  # built after ours: untouched
-    assert ours.keys() == theirs.keys()
+    assert ours.keys() == theirs.keys() | set(FACTORIZED_CONV_TYPES)
+    for layer in FACTORIZED_CONV_TYPES:
+        assert type(ours[layer]).__module__ == "tnbackpack.extensions.factorized"
     conv_rules = {id(ours[conv_type]) for conv_type in CONV_TYPES}
     assert len(conv_rules) == 1
     for layer, rule in theirs.items():

@@ -23,8 +23,11 @@ Layouts, per parameter:
   even for grouped layers).
 
 Factors are either 2-d (one block, BackPACK's layout) or stacked ``[G, d, d]``
-(tnbackpack's layout for grouped convolutions). Parameters of other layers
-(e.g. normalization layers) keep their gradients.
+(tnbackpack's layout for grouped convolutions). Each factor of a
+``tnbackpack.nn.FactorizedConv{1,2,3}d`` is preconditioned as the weight of its
+stage convolution (its Kronecker factors are that stage's), viewed in the
+stage weight's shape. Parameters of other layers (e.g. normalization layers)
+keep their gradients.
 
 Under ``torch.distributed`` (e.g. launched by ``torchrun``, with the model
 wrapped in ``DistributedDataParallel``) the same code averages the factors
@@ -58,6 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed.kfac import FactorSync
+from .nn.factorized_conv import FACTORIZED_CONV_TYPES
 
 __all__ = ["KFACPreconditioner", "SUPPORTED_LAYERS", "eigendecompose"]
 
@@ -85,6 +89,14 @@ class _Block:
     is_weight: bool
     factors: Optional[List[Tensor]] = None
     eigen: List[Tuple[Tensor, Tensor]] = field(default_factory=list)
+    #: Shape to view the parameter in first (a factor's stage weight shape).
+    view: Optional[Tuple[int, ...]] = None
+    #: Groups of the factors (a factor's stage); ``None``: the module's.
+    groups: Optional[int] = None
+
+    def as_weight(self, tensor: Tensor) -> Tensor:
+        """A parameter-shaped tensor in the layout its factors describe."""
+        return tensor if self.view is None else tensor.reshape(self.view)
 
 
 def to_blocks(
@@ -129,8 +141,12 @@ def factor_shapes(block: _Block) -> List[Tuple[int, int, int]]:
     One stacked pair per group for a grouped convolution's weight; one
     ``[C_out, C_out]`` block for every bias.
     """
-    groups = getattr(block.module, "groups", 1) if block.is_weight else 1
-    matrix = to_blocks(block.param, block.module, block.is_weight, groups)
+    groups = 1
+    if block.is_weight:
+        groups = block.groups or getattr(block.module, "groups", 1)
+    matrix = to_blocks(
+        block.as_weight(block.param), block.module, block.is_weight, groups
+    )
     sizes = [matrix.shape[1]] + ([matrix.shape[2]] if block.is_weight else [])
     return [(groups, size, size) for size in sizes]
 
@@ -233,6 +249,9 @@ class KFACPreconditioner:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module  # parameter names without DDP's "module."
         for module_name, module in model.named_modules():
+            if isinstance(module, FACTORIZED_CONV_TYPES):
+                self._add_factorized(module_name, module)
+                continue
             if not isinstance(module, SUPPORTED_LAYERS):
                 continue
             for param_name in ("weight", "bias"):
@@ -251,6 +270,26 @@ class KFACPreconditioner:
             bucket_cap_mb=bucket_cap_mb,
             timeout=timeout,
         )
+
+    def _add_factorized(self, module_name: str, module: nn.Module) -> None:
+        """One block per factor (viewed as its stage weight) and the bias."""
+        prefix = f"{module_name}." if module_name else ""
+        for factor in module.factor_plan():
+            param = getattr(module, factor.name)
+            if param.requires_grad:
+                stage = factor.stage
+                self.blocks.append(
+                    _Block(
+                        prefix + factor.name,
+                        param,
+                        module,
+                        True,
+                        view=stage.weight_shape(),
+                        groups=stage.groups,
+                    )
+                )
+        if module.bias is not None and module.bias.requires_grad:
+            self.blocks.append(_Block(prefix + "bias", module.bias, module, False))
 
     # ----------------------------------------------------------------- factors
     def _read_factors(
@@ -276,7 +315,9 @@ class KFACPreconditioner:
             f.detach() if f.ndim == 3 else f.detach().unsqueeze(0) for f in stored
         ]
         groups = factors[0].shape[0]
-        matrix = to_blocks(block.param, block.module, block.is_weight, groups)
+        matrix = to_blocks(
+            block.as_weight(block.param), block.module, block.is_weight, groups
+        )
         sizes = [matrix.shape[1]] + ([matrix.shape[2]] if block.is_weight else [])
         for factor, size in zip(factors, sizes):
             if factor.shape != (groups, size, size):
@@ -350,7 +391,9 @@ class KFACPreconditioner:
     def apply(self, block: _Block, grad: Tensor) -> Tensor:
         """``(B ⊗ A + λ I)⁻¹ grad`` for one parameter (``B + λ I`` for a bias)."""
         (values_b, q_b), *rest = block.eigen
-        matrix = to_blocks(grad, block.module, block.is_weight, q_b.shape[0])
+        matrix = to_blocks(
+            block.as_weight(grad), block.module, block.is_weight, q_b.shape[0]
+        )
         rotated = q_b.transpose(1, 2) @ matrix
         if rest:
             values_a, q_a = rest[0]

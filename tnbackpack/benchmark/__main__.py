@@ -41,6 +41,12 @@ def parse(argv: Optional[List[str]] = None) -> Settings:
         "tnbackpack.enable() (--batch, --threads, --repeats, --output apply; "
         "writes docs/benchmarks/clients.md)",
     )
+    parser.add_argument(
+        "--factorized",
+        action="store_true",
+        help="benchmark factorized convolutions instead (tnbackpack.benchmark."
+        "factorized; its own options, see --factorized --help)",
+    )
     parser.add_argument("--cases", help=f"comma list of: {','.join(CASES)}")
     parser.add_argument(
         "--extensions", help=f"comma list of: {','.join(ALL_EXTENSIONS)}"
@@ -134,8 +140,13 @@ def parse(argv: Optional[List[str]] = None) -> Settings:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Run the benchmark."""
+    """Run the benchmark (``--factorized``, ``--conv-einsum``: those benchmarks)."""
     arguments = sys.argv[1:] if argv is None else list(argv)
+    if "--factorized" in arguments:
+        from .factorized import main as factorized_main
+
+        factorized_main([a for a in arguments if a != "--factorized"])
+        return
     if "--conv-einsum" in arguments:
         from .conv_einsum import main as conv_einsum_main
 

@@ -44,7 +44,7 @@ import itertools
 import json
 import subprocess
 import sys
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 from backpack.extensions.backprop_extension import BackpropExtension
@@ -64,16 +64,26 @@ def backward_peak_mb(
     workload: Workload, extension: Optional[BackpropExtension]
 ) -> float:
     """Peak extra megabytes allocated during one backward (forward not counted)."""
-    loss = workload.forward(plain=extension is None)
+    # the list gives up its reference inside the backward, as `del` did
+    pending = [workload.forward(plain=extension is None)]
+    peak = peak_mb(lambda: workload.backward(pending.pop(), extension))
+    workload.clear()
+    return peak
+
+
+def peak_mb(work: Callable[[], None]) -> float:
+    """Peak extra megabytes PyTorch's CPU allocator holds while ``work`` runs.
+
+    Results ``work`` leaves alive count; what it frees of memory allocated
+    before it started is not credited.
+    """
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        workload.backward(loss, extension)
-    del loss
+        work()
     events = sorted(
         (event.start_ns(), event.nbytes())
         for event in prof.profiler.kineto_results.events()
         if event.name() == "[memory]"
     )
-    workload.clear()
     running = itertools.accumulate(nbytes for _, nbytes in events)
     return max(itertools.chain([0], running)) / _MB
 

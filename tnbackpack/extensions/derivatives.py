@@ -29,6 +29,7 @@ from backpack.core.derivatives.basederivatives import BaseParameterDerivatives
 from torch import Tensor, nn
 
 from ..tn import functional
+from ..tn.spec import ConvSpec
 from .layer import conv_spec, layer_input
 
 INPUT_VJP_ROUTES = ("auto", "torch", "tn")
@@ -132,13 +133,41 @@ class ConvDerivatives(BaseParameterDerivatives):
         vectors of a batch of one, then the rows of the transposed result; as
         in BackPACK the result is ``(Jᵀ Ḡᵀ J)ᵀ``, i.e. ``Jᵀ Ḡ J``.
         """
-        out_shape = tuple(module.output.shape[1:])
-        in_shape = tuple(module.input0.shape[1:])
-        d_out, d_in = prod(out_shape), prod(in_shape)
-        rows = mat.reshape(d_out, 1, *out_shape)
-        mat_jac = input_vjp(module, rows, route=self.input_vjp_route).reshape(
-            d_out, d_in
+        return ea_jac_t_mat_jac(
+            conv_spec(module),
+            module.weight.detach(),
+            tuple(module.input0.shape[1:]),
+            tuple(module.output.shape[1:]),
+            mat,
+            self.input_vjp_route,
         )
-        columns = mat_jac.t().reshape(d_in, 1, *out_shape)
-        result = input_vjp(module, columns, route=self.input_vjp_route)
-        return result.reshape(d_in, d_in).t()
+
+
+def ea_jac_t_mat_jac(
+    spec: ConvSpec,
+    weight: Tensor,
+    in_shape: Sequence[int],
+    out_shape: Sequence[int],
+    mat: Tensor,
+    route: str = "auto",
+) -> Tensor:
+    """``Jᵀ Ḡ J`` of a conv layer, ``[D_in, D_in]`` from ``Ḡ [D_out, D_out]``.
+
+    Args:
+        spec: The layer.
+        weight: Its weight.
+        in_shape: Input shape without the batch axis, ``(C_in, *I)``.
+        out_shape: Output shape without the batch axis, ``(C_out, *O)``.
+        mat: ``Ḡ``.
+        route: Input-VJP route (see :func:`input_vjp`).
+    """
+    d_out, d_in = prod(out_shape), prod(in_shape)
+
+    def pull_back(rows: Tensor) -> Tensor:
+        vectors = rows.reshape(rows.shape[0], 1, *out_shape)
+        return functional.input_vjp(
+            spec, vectors, weight, in_shape[1:], vectors=True, route=route
+        ).reshape(rows.shape[0], d_in)
+
+    mat_jac = pull_back(mat.reshape(d_out, d_out))
+    return pull_back(mat_jac.t()).t()

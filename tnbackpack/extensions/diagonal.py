@@ -10,7 +10,7 @@ the columns. Backpropagation to the layer input is BackPACK's, with
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.secondorder.diag_ggn.diag_ggn_base import DiagGGNBaseModule
@@ -18,26 +18,42 @@ from backpack.extensions.secondorder.diag_hessian.diag_h_base import DiagHBaseMo
 from torch import Tensor, nn
 
 from ..tn import functional
+from ..tn.spec import ConvSpec
 from .derivatives import ConvDerivatives, Grads
 from .layer import conv_spec, layer_input
 
 
-def weight_diagonal(module: nn.Module, sqrt: Tensor, per_sample: bool) -> Tensor:
+def weight_diagonal(
+    spec: ConvSpec, x: Tensor, sqrt: Tensor, per_sample: bool
+) -> Tensor:
     """``Σ_v (J_wᵀ s_v)²``, ``[(N,) *weight]``, from ``sqrt [V, N, C_out, *O]``."""
     return functional.weight_vjp_squares(
-        conv_spec(module),
-        layer_input(module),
-        sqrt,
-        vectors=True,
-        per_sample=per_sample,
+        spec, x, sqrt, vectors=True, per_sample=per_sample
     )
 
 
-def bias_diagonal(module: nn.Module, sqrt: Tensor, per_sample: bool) -> Tensor:
+def bias_diagonal(spec: ConvSpec, sqrt: Tensor, per_sample: bool) -> Tensor:
     """``Σ_v (Σ_t s_v)²``, ``[(N,) C_out]``, from ``sqrt [V, N, C_out, *O]``."""
-    summed = functional.bias_vjp(conv_spec(module), sqrt, vectors=True, per_sample=True)
+    summed = functional.bias_vjp(spec, sqrt, vectors=True, per_sample=True)
     squares = summed.square().sum(0)
     return squares if per_sample else squares.sum(0)
+
+
+def signed_sum(backproped: Dict, diagonal: Callable[[Tensor], Tensor]) -> Tensor:
+    """``Σ_i sign_i · diagonal(S_i)`` over BackPACK's Hessian square roots.
+
+    Raises:
+        RuntimeError: If no square root was backpropagated.
+    """
+    matrices: List[Tensor] = backproped["matrices"]
+    signs: List[float] = backproped["signs"]
+    total = None
+    for sqrt, sign in zip(matrices, signs):
+        term = diagonal(sqrt)
+        total = sign * term if total is None else total.add_(term, alpha=sign)
+    if total is None:  # BackPACK's loss always sends one; never return garbage
+        raise RuntimeError("no Hessian square roots were backpropagated")
+    return total
 
 
 class DiagGGNConv(DiagGGNBaseModule):
@@ -56,7 +72,9 @@ class DiagGGNConv(DiagGGNBaseModule):
         backproped: Tensor,
     ) -> Tensor:
         """GGN diagonal of the weight."""
-        return weight_diagonal(module, backproped, self.per_sample)
+        return weight_diagonal(
+            conv_spec(module), layer_input(module), backproped, self.per_sample
+        )
 
     def bias(
         self,
@@ -67,7 +85,7 @@ class DiagGGNConv(DiagGGNBaseModule):
         backproped: Tensor,
     ) -> Tensor:
         """GGN diagonal of the bias."""
-        return bias_diagonal(module, backproped, self.per_sample)
+        return bias_diagonal(conv_spec(module), backproped, self.per_sample)
 
 
 class DiagHessianConv(DiagHBaseModule):
@@ -83,17 +101,6 @@ class DiagHessianConv(DiagHBaseModule):
         self.per_sample = per_sample
         super().__init__(ConvDerivatives(), params=["bias", "weight"])
 
-    def _signed_sum(self, module: nn.Module, backproped: Dict, diagonal) -> Tensor:
-        matrices: List[Tensor] = backproped["matrices"]
-        signs: List[float] = backproped["signs"]
-        total = None
-        for sqrt, sign in zip(matrices, signs):
-            term = diagonal(module, sqrt, self.per_sample)
-            total = sign * term if total is None else total.add_(term, alpha=sign)
-        if total is None:  # BackPACK's loss always sends one; never return garbage
-            raise RuntimeError(f"{module}: no Hessian square roots were backpropagated")
-        return total
-
     def weight(
         self,
         ext: BackpropExtension,
@@ -103,7 +110,10 @@ class DiagHessianConv(DiagHBaseModule):
         backproped: Dict,
     ) -> Tensor:
         """Hessian diagonal of the weight."""
-        return self._signed_sum(module, backproped, weight_diagonal)
+        spec, x = conv_spec(module), layer_input(module)
+        return signed_sum(
+            backproped, lambda sqrt: weight_diagonal(spec, x, sqrt, self.per_sample)
+        )
 
     def bias(
         self,
@@ -114,4 +124,7 @@ class DiagHessianConv(DiagHBaseModule):
         backproped: Dict,
     ) -> Tensor:
         """Hessian diagonal of the bias."""
-        return self._signed_sum(module, backproped, bias_diagonal)
+        spec = conv_spec(module)
+        return signed_sum(
+            backproped, lambda sqrt: bias_diagonal(spec, sqrt, self.per_sample)
+        )

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..tn import functional
 from ..tn.spec import ConvSpec
+from .factorized import FirstOrderRule, use_for_factorized
 from .layer import CONV_TYPES, conv_spec, layer_input, subsample
 
 __all__ = [
@@ -161,9 +162,13 @@ class VarianceConv(_ConvModuleExtension):
 def _use_for_convolutions(
     extension: BackpropExtension, module_extension: _ConvModuleExtension
 ) -> None:
-    """Route every conv type of ``extension`` to ``module_extension``."""
+    """Route every conv type of ``extension`` to ``module_extension``.
+
+    Factorized convolutions apply the same rule to each of their stages.
+    """
     for conv_type in CONV_TYPES:
         extension.set_module_extension(conv_type, module_extension, overwrite=True)
+    use_for_factorized(extension, FirstOrderRule(module_extension))
 
 
 class BatchGrad(backpack_extensions.BatchGrad):

@@ -34,7 +34,7 @@ approximation.
 from __future__ import annotations
 
 from math import prod
-from typing import List
+from typing import List, Sequence
 
 from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.secondorder.hbp.hbp_options import BackpropStrategy
@@ -62,12 +62,14 @@ def check_kfac_approx(kfac_approx: str) -> str:
     return kfac_approx
 
 
-def _approx(ext: BackpropExtension) -> str:
+def kfac_approx_of(ext: BackpropExtension) -> str:
+    """The extension's ``kfac_approx``."""
     # BackPACK's own HBP extensions (no attribute) use BackPACK's convention.
     return getattr(ext, "kfac_approx", "backpack")
 
 
-def _is_kfra(ext: BackpropExtension) -> bool:
+def is_kfra(ext: BackpropExtension) -> bool:
+    """Whether the extension backpropagates KFRA's batch-averaged ``Ḡ``."""
     return BackpropStrategy.is_batch_average(ext.get_backprop_strategy())
 
 
@@ -80,13 +82,13 @@ def _unstack(factor: Tensor) -> Tensor:
     return (factor[0] if factor.shape[0] == 1 else factor).contiguous()
 
 
-def input_factor(spec: ConvSpec, module: nn.Module, approx: str) -> Tensor:
-    """``A`` per group, ``[G, C_in/G·∏K, C_in/G·∏K]``.
+def input_factor(
+    spec: ConvSpec, x: Tensor, out_size: Sequence[int], approx: str
+) -> Tensor:
+    """``A`` per group, ``[G, C_in/G·∏K, C_in/G·∏K]``, from the layer input ``x``.
 
     BackPACK's ``A`` is the expand factor without its ``1/T``.
     """
-    x = layer_input(module)
-    out_size = output_size(module)
     engine_approx = "expand" if approx == "backpack" else approx
     factor = functional.kfac_input_factor(spec, x, engine_approx, output_size=out_size)
     return factor.mul_(prod(out_size)) if approx == "backpack" else factor
@@ -120,6 +122,40 @@ def sqrt_bias_factor(spec: ConvSpec, sqrt_ggn: Tensor) -> Tensor:
     return flat.t() @ flat
 
 
+def weight_factors(
+    spec: ConvSpec,
+    x: Tensor,
+    out_size: Sequence[int],
+    backproped: Tensor,
+    approx: str,
+    kfra: bool,
+) -> List[Tensor]:
+    """``[B, A]`` for a weight (stacked per group if ``groups > 1``).
+
+    Args:
+        spec: The layer.
+        x: Its input ``[N, C_in, *I]``.
+        out_size: Its spatial output size.
+        backproped: The square root ``[V, N, C_out, *O]`` (KFAC, KFLR) or
+            KFRA's batch-averaged ``Ḡ``.
+        approx: ``"backpack"``, ``"expand"`` or ``"reduce"``.
+        kfra: Whether ``backproped`` is KFRA's ``Ḡ``.
+    """
+    if kfra:
+        output_side = kfra_output_factor(spec, backproped, approx)
+    else:
+        engine_approx = "reduce" if approx == "backpack" else approx
+        output_side = functional.kfac_output_factor(spec, backproped, engine_approx)
+    return [_unstack(output_side), _unstack(input_factor(spec, x, out_size, approx))]
+
+
+def bias_factors(spec: ConvSpec, backproped: Tensor, kfra: bool) -> List[Tensor]:
+    """``[B]`` for a bias, BackPACK's ``[C_out, C_out]`` factor."""
+    if kfra:
+        return [kfra_bias_factor(spec, backproped).contiguous()]
+    return [sqrt_bias_factor(spec, backproped)]
+
+
 class KroneckerConv(HBPBaseModule):
     """KFAC/KFLR/KFRA factors of any conv layer; reads ``ext.kfac_approx``.
 
@@ -139,14 +175,14 @@ class KroneckerConv(HBPBaseModule):
         backproped: Tensor,
     ) -> List[Tensor]:
         """``[B, A]`` for the weight (stacked per group if ``groups > 1``)."""
-        spec = conv_spec(module)
-        approx = _approx(ext)
-        if _is_kfra(ext):
-            output_side = kfra_output_factor(spec, backproped, approx)
-        else:
-            engine_approx = "reduce" if approx == "backpack" else approx
-            output_side = functional.kfac_output_factor(spec, backproped, engine_approx)
-        return [_unstack(output_side), _unstack(input_factor(spec, module, approx))]
+        return weight_factors(
+            conv_spec(module),
+            layer_input(module),
+            output_size(module),
+            backproped,
+            kfac_approx_of(ext),
+            is_kfra(ext),
+        )
 
     def bias(
         self,
@@ -157,7 +193,4 @@ class KroneckerConv(HBPBaseModule):
         backproped: Tensor,
     ) -> List[Tensor]:
         """``[B]`` for the bias, BackPACK's ``[C_out, C_out]`` factor."""
-        spec = conv_spec(module)
-        if _is_kfra(ext):
-            return [kfra_bias_factor(spec, backproped).contiguous()]
-        return [sqrt_bias_factor(spec, backproped)]
+        return bias_factors(conv_spec(module), backproped, is_kfra(ext))

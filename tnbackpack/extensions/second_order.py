@@ -24,6 +24,14 @@ from backpack.extensions.secondorder.sqrt_ggn.base import SqrtGGNBaseModule
 
 from .derivatives import ConvDerivatives
 from .diagonal import DiagGGNConv, DiagHessianConv
+from .factorized import (
+    DiagonalRule,
+    HessianDiagonalRule,
+    KroneckerRule,
+    SqrtGGNRule,
+    StageRule,
+    use_for_factorized,
+)
 from .kronecker import KroneckerConv, check_kfac_approx
 from .layer import CONV_TYPES
 
@@ -52,9 +60,13 @@ class SqrtGGNConv(SqrtGGNBaseModule):
         super().__init__(ConvDerivatives(), params=["bias", "weight"])
 
 
-def _use_for_convolutions(extension: BackpropExtension, rule: ModuleExtension) -> None:
+def _use_for_convolutions(
+    extension: BackpropExtension, rule: ModuleExtension, stage_rule: StageRule
+) -> None:
+    """Route every conv type to ``rule``, factorized convolutions to ``stage_rule``."""
     for layer in CONV_TYPES:
         extension.set_module_extension(layer, rule, overwrite=True)
+    use_for_factorized(extension, stage_rule)
 
 
 # ------------------------------------------------------------------ Kronecker
@@ -70,7 +82,7 @@ class KFAC(backpack_extensions.KFAC):
     def __init__(self, mc_samples: int = 1, kfac_approx: str = "backpack") -> None:
         self.kfac_approx = check_kfac_approx(kfac_approx)
         super().__init__(mc_samples=mc_samples)
-        _use_for_convolutions(self, KroneckerConv())
+        _use_for_convolutions(self, KroneckerConv(), KroneckerRule())
 
 
 class KFLR(backpack_extensions.KFLR):
@@ -83,7 +95,7 @@ class KFLR(backpack_extensions.KFLR):
     def __init__(self, kfac_approx: str = "backpack") -> None:
         self.kfac_approx = check_kfac_approx(kfac_approx)
         super().__init__()
-        _use_for_convolutions(self, KroneckerConv())
+        _use_for_convolutions(self, KroneckerConv(), KroneckerRule())
 
 
 class KFRA(backpack_extensions.KFRA):
@@ -98,7 +110,7 @@ class KFRA(backpack_extensions.KFRA):
     def __init__(self, kfac_approx: str = "backpack") -> None:
         self.kfac_approx = check_kfac_approx(kfac_approx)
         super().__init__()
-        _use_for_convolutions(self, KroneckerConv())
+        _use_for_convolutions(self, KroneckerConv(), KroneckerRule())
 
 
 # ------------------------------------------------------------------ diagonals
@@ -107,7 +119,7 @@ class DiagGGNExact(backpack_extensions.DiagGGNExact):
 
     def __init__(self) -> None:
         super().__init__()
-        _use_for_convolutions(self, DiagGGNConv(per_sample=False))
+        _use_for_convolutions(self, DiagGGNConv(per_sample=False), DiagonalRule(False))
 
 
 class DiagGGNMC(backpack_extensions.DiagGGNMC):
@@ -115,7 +127,7 @@ class DiagGGNMC(backpack_extensions.DiagGGNMC):
 
     def __init__(self, mc_samples: int = 1) -> None:
         super().__init__(mc_samples=mc_samples)
-        _use_for_convolutions(self, DiagGGNConv(per_sample=False))
+        _use_for_convolutions(self, DiagGGNConv(per_sample=False), DiagonalRule(False))
 
 
 class BatchDiagGGNExact(backpack_extensions.BatchDiagGGNExact):
@@ -123,7 +135,7 @@ class BatchDiagGGNExact(backpack_extensions.BatchDiagGGNExact):
 
     def __init__(self) -> None:
         super().__init__()
-        _use_for_convolutions(self, DiagGGNConv(per_sample=True))
+        _use_for_convolutions(self, DiagGGNConv(per_sample=True), DiagonalRule(True))
 
 
 class BatchDiagGGNMC(backpack_extensions.BatchDiagGGNMC):
@@ -131,7 +143,7 @@ class BatchDiagGGNMC(backpack_extensions.BatchDiagGGNMC):
 
     def __init__(self, mc_samples: int = 1) -> None:
         super().__init__(mc_samples=mc_samples)
-        _use_for_convolutions(self, DiagGGNConv(per_sample=True))
+        _use_for_convolutions(self, DiagGGNConv(per_sample=True), DiagonalRule(True))
 
 
 class DiagHessian(backpack_extensions.DiagHessian):
@@ -139,7 +151,9 @@ class DiagHessian(backpack_extensions.DiagHessian):
 
     def __init__(self) -> None:
         super().__init__()
-        _use_for_convolutions(self, DiagHessianConv(per_sample=False))
+        _use_for_convolutions(
+            self, DiagHessianConv(per_sample=False), HessianDiagonalRule(False)
+        )
 
 
 class BatchDiagHessian(backpack_extensions.BatchDiagHessian):
@@ -147,7 +161,9 @@ class BatchDiagHessian(backpack_extensions.BatchDiagHessian):
 
     def __init__(self) -> None:
         super().__init__()
-        _use_for_convolutions(self, DiagHessianConv(per_sample=True))
+        _use_for_convolutions(
+            self, DiagHessianConv(per_sample=True), HessianDiagonalRule(True)
+        )
 
 
 # ------------------------------------------------------------- square roots
@@ -156,7 +172,7 @@ class SqrtGGNExact(backpack_extensions.SqrtGGNExact):
 
     def __init__(self, subsampling: Optional[List[int]] = None) -> None:
         super().__init__(subsampling=subsampling)
-        _use_for_convolutions(self, SqrtGGNConv())
+        _use_for_convolutions(self, SqrtGGNConv(), SqrtGGNRule())
 
 
 class SqrtGGNMC(backpack_extensions.SqrtGGNMC):
@@ -166,4 +182,4 @@ class SqrtGGNMC(backpack_extensions.SqrtGGNMC):
         self, mc_samples: int = 1, subsampling: Optional[List[int]] = None
     ) -> None:
         super().__init__(mc_samples=mc_samples, subsampling=subsampling)
-        _use_for_convolutions(self, SqrtGGNConv())
+        _use_for_convolutions(self, SqrtGGNConv(), SqrtGGNRule())

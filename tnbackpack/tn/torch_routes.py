@@ -78,6 +78,22 @@ def weight_vjp(spec: ConvSpec, x: Tensor, grad_output: Tensor) -> Tensor:
     )
 
 
+def forward(
+    spec: ConvSpec, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None
+) -> Tensor:
+    """Output ``[N, C_out, *O]`` of a convolution by PyTorch's kernel.
+
+    Padding the kernel cannot apply (other modes, asymmetric) is applied first,
+    as for the weight gradient. Differentiable; convolutions only.
+    """
+    if spec.transposed:
+        raise ValueError(f"{spec.describe()}: forward route is for convolutions")
+    x, padding = _input_and_padding(spec, x)
+    return _CONVOLUTIONS[spec.ndim](
+        x, weight, bias, spec.stride, padding, spec.dilation, spec.groups
+    )
+
+
 def _kernel_padding(spec: ConvSpec) -> Optional[Tuple[int, ...]]:
     """The padding PyTorch's kernels can apply themselves, ``None`` if they cannot.
 
