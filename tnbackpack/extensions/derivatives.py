@@ -135,7 +135,7 @@ class ConvDerivatives(BaseParameterDerivatives):
         """
         return ea_jac_t_mat_jac(
             conv_spec(module),
-            module.weight.detach(),
+            module.weight,  # not detached: differentiable under create_graph
             tuple(module.input0.shape[1:]),
             tuple(module.output.shape[1:]),
             mat,
