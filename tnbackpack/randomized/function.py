@@ -62,11 +62,11 @@ def sampled_weight_vjp(
     if sample.mode == "spatial":
         total = sliced_weight_vjp(spec, stored, kept, input_size, grad_output)
     elif sample.mode == "batch":
-        total = functional.weight_vjp(spec, stored, grad_output.index_select(0, kept[0]))
-    else:
-        sliced_spec = dataclasses.replace(
-            spec, in_channels=spec.groups * len(kept[0])
+        total = functional.weight_vjp(
+            spec, stored, grad_output.index_select(0, kept[0])
         )
+    else:
+        sliced_spec = dataclasses.replace(spec, in_channels=spec.groups * len(kept[0]))
         partial = functional.weight_vjp(sliced_spec, stored, grad_output)
         total = grad_output.new_zeros(spec.weight_shape())
         total[:, kept[0]] = partial
@@ -92,9 +92,7 @@ class SampledConvolution(torch.autograd.Function):
         ctx.has_bias = bias is not None
         needs_input, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         stored = kept_input(spec, x, sample) if needs_weight else None
-        ctx.save_for_backward(
-            stored, weight if needs_input else None, *sample.kept
-        )
+        ctx.save_for_backward(stored, weight if needs_input else None, *sample.kept)
         return conv._conv_forward(x, weight, bias)
 
     @staticmethod

@@ -110,7 +110,7 @@ def sample_convolutions(
     sample: str = "spatial",
     generator: Optional[torch.Generator] = None,
 ) -> nn.Module:
-    """Replace every ``nn.Conv1d/2d/3d`` in ``model`` by a :class:`SampledConv`, in place.
+    """Replace every ``nn.Conv1d/2d/3d`` in ``model`` by :class:`SampledConv`, in place.
 
     Layers that are already sampled are left alone. Returns ``model`` (or the
     wrapper, if ``model`` itself is a convolution). Arguments as for
@@ -148,7 +148,7 @@ def restore_convolutions(model: nn.Module) -> nn.Module:
 
 @contextmanager
 def exact_gradients(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, every :class:`SampledConv` in ``model`` computes exact gradients.
+    """Inside the block, every :class:`SampledConv` of ``model`` is exact.
 
     For evaluation (where nothing is sampled anyway) and for exact training
     steps in between sampled ones. Restores each layer's previous state.

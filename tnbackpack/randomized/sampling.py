@@ -49,10 +49,11 @@ def check_sample(sample: str) -> str:
 
 
 def check_generator(generator: Optional[torch.Generator]) -> None:
-    """Raises ``ValueError`` unless ``generator`` is ``None`` or a ``torch.Generator``."""
+    """Raise ``ValueError`` unless ``generator`` is ``None`` or a generator."""
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(
-            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+            "generator must be a torch.Generator or None, "
+            f"got {type(generator).__name__}"
         )
 
 

@@ -33,7 +33,6 @@ from math import prod
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import functional, torch_routes
@@ -144,7 +143,7 @@ def sliced_index_pattern(
 def _tap_outputs(
     positions: Tensor, output_size: int, kernel_size: int, stride: int, dilation: int
 ) -> Tensor:
-    """``[K, A]``: the output position each (tap, kept position) meets, ``-1`` if none."""
+    """``[K, A]``: the output position each (tap, kept position) meets, or ``-1``."""
     offset = positions.view(1, -1) - dilation * torch.arange(kernel_size).view(-1, 1)
     valid = (offset >= 0) & (offset % stride == 0) & (offset < stride * output_size)
     return torch.where(valid, offset // stride, torch.full_like(offset, -1))
@@ -226,8 +225,11 @@ def sliced_weight_vjp_route(
     taps, kept = prod(spec.kernel_size), prod(x_shape[2:])
     touched = min(prod(grad_output_shape[2:]), taps * kept)
     gather = n * groups * c_out * taps * kept * (MOVE_COST + c_in)
-    patches = n * groups * touched * (
-        MOVE_COST * (c_out + 2 * c_in * taps) + c_out * c_in * taps
+    patches = (
+        n
+        * groups
+        * touched
+        * (MOVE_COST * (c_out + 2 * c_in * taps) + c_out * c_in * taps)
     )
     return "gather" if gather <= patches else "patches"
 
@@ -334,7 +336,7 @@ def _by_gather(
 def _by_patches(
     spec: ConvSpec, x: Tensor, positions: Sequence[Tensor], grad_output: Tensor
 ) -> Tensor:
-    """Gather the touched output positions once and the kept input into their patches."""
+    """Gather the touched output positions once, the kept input into their patches."""
     n, groups, ndim = x.shape[0], spec.groups, spec.ndim
     c_in = spec.in_channels // groups
     out_size = tuple(grad_output.shape[2:])
