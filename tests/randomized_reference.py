@@ -47,7 +47,7 @@ def masked_weight_gradient(
     mask: Tensor,
     probability: float,
 ) -> Tensor:
-    """Weight VJP of ``apply(mask * x, weight)`` with ``grad_output``, over ``probability``."""
+    """Weight VJP of ``apply(mask * x, weight)``, divided by ``probability``."""
     w = weight.detach().clone().requires_grad_(True)
     (gw,) = torch.autograd.grad(apply(x * mask, w, None), w, grad_output)
     return gw / probability

@@ -125,7 +125,9 @@ def _saved_bytes(layer, x):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(x)
     floats = sum(t.numel() * t.element_size() for t in saved if t.is_floating_point())
-    indices = sum(t.numel() * t.element_size() for t in saved if not t.is_floating_point())
+    indices = sum(
+        t.numel() * t.element_size() for t in saved if not t.is_floating_point()
+    )
     return floats, indices
 
 
@@ -158,9 +160,11 @@ def test_stored_input_is_the_kept_slices(mode, input_needs_grad):
         replay.set_state(state)
         sample = draw(layer.spec, x.shape, 0.25, mode, replay, x.device)
         slices = [len(k) for k in sample.kept]
-        full = [x.shape[2 + d] for d in range(2)] if mode == "spatial" else [
-            shape[0] if mode == "batch" else shape[1]
-        ]
+        full = (
+            [x.shape[2 + d] for d in range(2)]
+            if mode == "spatial"
+            else [shape[0] if mode == "batch" else shape[1]]
+        )
         expected = whole
         for kept, total in zip(slices, full):
             expected = expected * kept // total
@@ -210,7 +214,9 @@ def test_exact_gradients_context_manager():
         nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten()), keep=1
     ))  # fmt: skip
     exact_model.load_state_dict(model.state_dict())
-    (expected,) = torch.autograd.grad(exact_model(x).square().sum(), exact_model[0].weight)
+    (expected,) = torch.autograd.grad(
+        exact_model(x).square().sum(), exact_model[0].weight
+    )
     with exact_gradients(model):
         (inside,) = torch.autograd.grad(model(x).square().sum(), model[0].weight)
     close(inside, expected, rtol=1e-5, atol=1e-6)

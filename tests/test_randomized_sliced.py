@@ -33,7 +33,9 @@ def _check_routes(case, probability, routes=ROUTES):
     for d, rows in enumerate(kept):
         x_kept = x_kept.index_select(2 + d, rows)
     mask = position_mask(x, kept)
-    expected = masked_weight_gradient(layer.apply, x, layer.weight, grad_output, mask, 1)
+    expected = masked_weight_gradient(
+        layer.apply, x, layer.weight, grad_output, mask, 1
+    )
     for route in routes:
         actual = sliced.sliced_weight_vjp(
             spec, x_kept, kept, x.shape[2:], grad_output, route=route
@@ -46,7 +48,9 @@ def test_sliced_weight_vjp_matches_masked_autograd(case):
     _check_routes(case, probability=0.6, routes=(*ROUTES, "auto"))
 
 
-@pytest.mark.parametrize("case", CONV_CASES[::4], ids=[c["name"] for c in CONV_CASES[::4]])
+@pytest.mark.parametrize(
+    "case", CONV_CASES[::4], ids=[c["name"] for c in CONV_CASES[::4]]
+)
 def test_every_position_kept_is_the_exact_gradient(case):
     """With every position kept, each route (and PyTorch's) is the exact gradient."""
     layer = build_layer(case)

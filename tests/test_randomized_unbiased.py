@@ -25,7 +25,10 @@ LAYERS = {
         lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1, padding_mode="reflect"),
         (3, 2, 7, 6),
     ),
-    "1d-dilated-same": (lambda: nn.Conv1d(2, 2, 3, padding="same", dilation=2), (4, 2, 9)),
+    "1d-dilated-same": (
+        lambda: nn.Conv1d(2, 2, 3, padding="same", dilation=2),
+        (4, 2, 9),
+    ),
     "3d-groups": (lambda: nn.Conv3d(4, 2, 2, padding=1, groups=2), (2, 4, 3, 4, 3)),
 }
 
@@ -94,7 +97,9 @@ def _contributions(conv, x, grad_output):
         mask = torch.zeros_like(x)
         mask[(slice(None), slice(None), *index)] = 1
         w = conv.weight.detach().clone().requires_grad_(True)
-        (part,) = torch.autograd.grad(conv._conv_forward(x * mask, w, None), w, grad_output)
+        (part,) = torch.autograd.grad(
+            conv._conv_forward(x * mask, w, None), w, grad_output
+        )
         parts[index] = part
     return parts
 
@@ -128,7 +133,9 @@ def test_mean_squared_error_matches_the_variance_formula(mode):
         predicted = factor * exact.square().sum().item()
     elif mode == "batch":
         per_sample = [
-            torch.autograd.grad(conv(x[n : n + 1]), conv.weight, grad_output[n : n + 1])[0]
+            torch.autograd.grad(
+                conv(x[n : n + 1]), conv.weight, grad_output[n : n + 1]
+            )[0]
             for n in range(3)
         ]
         predicted = factor * sum(g.square().sum().item() for g in per_sample)
