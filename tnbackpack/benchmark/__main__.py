@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -32,6 +33,12 @@ def parse(argv: Optional[List[str]] = None) -> Settings:
         action="store_true",
         help=f"cases {','.join(QUICK_CASES)}, extensions {','.join(QUICK_EXTENSIONS)}, "
         "3 repeats, output docs/benchmarks/quick (other options still apply)",
+    )
+    parser.add_argument(
+        "--randomized",
+        action="store_true",
+        help="instead: TN dropout (sampled conv backward) vs exact and masked; "
+        "see python -m tnbackpack.benchmark --randomized -h",
     )
     parser.add_argument("--cases", help=f"comma list of: {','.join(CASES)}")
     parser.add_argument(
@@ -108,7 +115,13 @@ def parse(argv: Optional[List[str]] = None) -> Settings:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Run the benchmark."""
+    """Run the benchmark (``--randomized``: the TN dropout benchmark)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if "--randomized" in arguments:
+        from .randomized import main as randomized_main
+
+        randomized_main([a for a in arguments if a != "--randomized"])
+        return
     run(parse(argv))
 
 
