@@ -11,7 +11,7 @@ from torch import nn
 from tnbackpack.tn import sliced
 from tnbackpack.tn.spec import ConvSpec
 
-ROUTES = ("tn", "gather", "patches")
+ROUTES = ("tn", "gather", "scatter")
 
 
 def _draw_kept(spec, input_size, probability, seed):
@@ -118,3 +118,28 @@ def test_sliced_index_pattern_rows():
         for a, i in enumerate(positions.tolist()):
             for o in range(3):
                 assert pattern[k, a, o] == float(i == k + 2 * o)
+
+
+def test_auto_route_by_channels():
+    """Few input channels: PyTorch's kernel on the filled input; many: gather."""
+    every_other = [torch.arange(0, 32, 2)] * 2
+    rgb = ConvSpec.from_module(nn.Conv2d(3, 96, 3, padding=1))
+    wide = ConvSpec.from_module(nn.Conv2d(64, 64, 3, padding=1))
+    positions_rgb, _ = sliced.virtual_positions(rgb, (32, 32), every_other)
+    assert sliced.sliced_weight_vjp_route(rgb, positions_rgb, (32, 32)) == "scatter"
+    positions, _ = sliced.virtual_positions(wide, (32, 32), every_other)
+    assert sliced.sliced_weight_vjp_route(wide, positions, (32, 32)) == "gather"
+
+
+def test_scatter_needs_pytorch_kernels():
+    spec = ConvSpec.from_kwargs(ndim=4, in_channels=1, out_channels=1, kernel_size=1)
+    x, gy = torch.randn(1, 1, 1, 2, 2, 2), torch.randn(1, 1, 2, 2, 2, 2)
+    kept = [torch.tensor([1]), torch.arange(2), torch.arange(2), torch.arange(2)]
+    with pytest.raises(ValueError, match="route 'scatter' uses PyTorch's kernels"):
+        sliced.sliced_weight_vjp(spec, x, kept, (2, 2, 2, 2), gy, route="scatter")
+    close(
+        sliced.sliced_weight_vjp(spec, x.double(), kept, (2, 2, 2, 2), gy.double()),
+        sliced.sliced_weight_vjp(
+            spec, x.double(), kept, (2, 2, 2, 2), gy.double(), route="tn"
+        ),
+    )

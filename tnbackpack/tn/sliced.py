@@ -19,16 +19,20 @@ Routes for the sliced weight VJP (all exact for the kept slices):
   meets (``o = (pos − k·D)/S``) are gathered along the flattened positions,
   then one batched product per sample contracts them with the kept input. Its
   cost is ≈ ``keep`` times the full contraction's.
-- ``patches``: the output positions whose window meets a kept position are
-  gathered once, and the kept input is gathered into their patches (zeros
-  for dropped positions). Cheaper than ``gather`` when a patch is shorter than
-  the output channels (a first layer on RGB images): the output gradient is
-  read once instead of once per tap.
+- ``scatter``: the kept slices are put back into a zero-filled (padded)
+  input, and PyTorch's weight-gradient kernel runs on it. Its time is that of
+  the exact kernel, whatever ``keep`` is, but it reads the output gradient
+  only once: faster than ``gather`` for layers with few input channels (a
+  first layer on RGB images), where that kernel is bound by reading the
+  output gradient. The stored memory is the same (the zero-filled input
+  lives only during the backward pass).
 - ``torch``: PyTorch's weight-gradient kernel, when every position is kept.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from math import prod
 from typing import List, Optional, Sequence, Tuple
 
@@ -40,17 +44,19 @@ from .network import TensorNetwork
 from .pattern import source_positions, summed_index_pattern
 from .spec import ConvSpec
 
-ROUTES = ("auto", "tn", "gather", "patches", "torch")
+ROUTES = ("auto", "tn", "gather", "scatter", "torch")
 
-#: Elements of one gathered block of the output gradient in the ``gather``
-#: route; taps are processed in chunks that stay below it (2**23 floats =
-#: 32 MiB in float32), so memory does not grow with the kernel size.
-MAX_GATHER_ELEMENTS = 2**23
-
-#: Relative time of moving one element in a gather against one multiply-add
-#: in a matrix product, for the ``auto`` choice between ``gather`` and
-#: ``patches`` (see :func:`sliced_weight_vjp_route`).
+#: Relative times, for the ``auto`` choice between ``gather`` and ``scatter``
+#: (see :func:`sliced_weight_vjp_route`), in units of one multiply-add in a
+#: matrix product: moving one element in a gather of whole rows, moving one
+#: element in a transposing copy, and one multiply-add in PyTorch's
+#: weight-gradient kernel. Fitted to the backward of 3x3 layers (batch 32,
+#: one thread, keep 0.1-0.5): 3->96, 64->64, 96->96 (also stride 2) at
+#: 32x32 and 192->192 at 8x8, where ``gather`` is 1.5-3x faster than
+#: ``scatter`` except for 3 input channels (``scatter`` 1.5-7x faster).
 MOVE_COST = 16
+TRANSPOSE_COST = 64
+KERNEL_COST = 1.0
 
 
 def _check_convolution(spec: ConvSpec) -> None:
@@ -165,7 +171,7 @@ def sliced_weight_vjp(
         kept: Per spatial axis, the kept real positions (sorted, distinct).
         input_size: The real spatial input size.
         grad_output: ``[N, C_out, *O]``.
-        route: ``auto``, ``tn``, ``gather``, ``patches`` or ``torch`` (see
+        route: ``auto``, ``tn``, ``gather``, ``scatter`` or ``torch`` (see
             the module docstring; ``torch`` only when every position is kept).
 
     Raises:
@@ -203,35 +209,66 @@ def sliced_weight_vjp(
         if take is not None:
             x_virtual = x_virtual.index_select(2 + d, take.to(x_kept.device))
     if route == "auto":
-        route = sliced_weight_vjp_route(spec, x_virtual.shape, grad_output.shape)
-    compute = {"tn": _by_network, "gather": _by_gather, "patches": _by_patches}
+        route = sliced_weight_vjp_route(spec, positions, output_size)
+    if route == "scatter" and not torch_routes.supports(spec):
+        raise ValueError(
+            f"route 'scatter' uses PyTorch's kernels (1 to 3 spatial axes), "
+            f"got {spec.ndim}"
+        )
+    compute = {"tn": _by_network, "gather": _by_gather, "scatter": _by_scatter}
     return compute[route](spec, x_virtual, positions, grad_output)
 
 
-def sliced_weight_vjp_route(
-    spec: ConvSpec, x_shape: Sequence[int], grad_output_shape: Sequence[int]
-) -> str:
-    """``gather`` or ``patches``, by moved elements and multiply-adds.
+def _gathered_pairs(
+    spec: ConvSpec, positions: Sequence[Tensor], output_size: Sequence[int]
+) -> Tuple[int, int]:
+    """Rows the ``gather`` route gathers, and the input rows it gathers besides.
 
-    ``gather`` moves ``∏K · M`` output-gradient columns (``M`` kept
-    positions) and multiplies each with ``C_in/G`` input channels;
-    ``patches`` moves the (up to ``O``) touched output columns once and
-    ``∏K`` input columns per touched position, and multiplies each output
-    column with a patch of ``C_in/G · ∏K``. The touched count is bounded by
-    ``O`` (taken as is: it is the worse case for ``patches``).
+    Per tap, all kept positions (those meeting no output read a zero row),
+    or only the ones meeting an output when they are fewer than half.
     """
-    n, groups = x_shape[0], spec.groups
+    met = [
+        (_tap_outputs(p, o, k, s, d) >= 0).sum(1)
+        for p, o, k, s, d in zip(
+            positions, output_size, spec.kernel_size, spec.stride, spec.dilation
+        )
+    ]
+    kept = prod(len(p) for p in positions)
+    rows = extra = 0
+    for counts in itertools.product(*(m.tolist() for m in met)):
+        valid = prod(counts)
+        if 2 * valid < kept:
+            rows, extra = rows + valid, extra + valid
+        else:
+            rows += kept
+    return rows, extra
+
+
+def sliced_weight_vjp_route(
+    spec: ConvSpec, positions: Sequence[Tensor], output_size: Sequence[int]
+) -> str:
+    """``gather`` or ``scatter``, by a count of moved elements and multiply-adds.
+
+    Per sample and group, ``gather`` moves the output gradient once (to put
+    positions first) and then its gathered rows, and multiplies each gathered
+    row with the input channels; ``scatter`` reads the output gradient once
+    and multiplies each output position with a whole patch, at PyTorch's
+    kernel's speed (:data:`KERNEL_COST`). ``tn`` is never chosen (it
+    multiplies by index patterns); nor is ``scatter`` beyond 3 dimensions.
+    """
+    if not torch_routes.supports(spec):
+        return "gather"
+    groups = spec.groups
     c_in, c_out = spec.in_channels // groups, spec.out_channels // groups
-    taps, kept = prod(spec.kernel_size), prod(x_shape[2:])
-    touched = min(prod(grad_output_shape[2:]), taps * kept)
-    gather = n * groups * c_out * taps * kept * (MOVE_COST + c_in)
-    patches = (
-        n
-        * groups
-        * touched
-        * (MOVE_COST * (c_out + 2 * c_in * taps) + c_out * c_in * taps)
+    rows, extra = _gathered_pairs(spec, positions, output_size)
+    outputs, taps = prod(output_size), prod(spec.kernel_size)
+    # a product with few input channels is bound by reading its gathered rows
+    gather = (
+        c_out * (outputs * TRANSPOSE_COST + rows * (MOVE_COST + max(c_in, MOVE_COST)))
+        + extra * c_in * MOVE_COST
     )
-    return "gather" if gather <= patches else "patches"
+    scatter = c_out * outputs * (MOVE_COST + KERNEL_COST * c_in * taps)
+    return "gather" if gather <= scatter else "scatter"
 
 
 def _by_network(
@@ -272,6 +309,9 @@ def _flat_strides(sizes: Sequence[int]) -> List[int]:
 def _contract_rows(rows: Tensor, inputs: Tensor, groups: int) -> Tensor:
     """``Σ_r rows[r, g, d] · inputs[r, g, c] -> [g, d, c]`` by matrix products."""
     if groups == 1:
+        if 4 * inputs.shape[-1] < rows.shape[-1]:
+            # few input channels: the thin operand first is 4x faster (3 vs 96)
+            return (inputs[:, 0].t() @ rows[:, 0]).t().unsqueeze(0)
         return (rows[:, 0].t() @ inputs[:, 0]).unsqueeze(0)
     return torch.bmm(rows.permute(1, 2, 0), inputs.transpose(0, 1))
 
@@ -333,44 +373,28 @@ def _by_gather(
     return result.reshape(spec.weight_shape())
 
 
-def _by_patches(
+def _by_scatter(
     spec: ConvSpec, x: Tensor, positions: Sequence[Tensor], grad_output: Tensor
 ) -> Tensor:
-    """Gather the touched output positions once, the kept input into their patches."""
-    n, groups, ndim = x.shape[0], spec.groups, spec.ndim
-    c_in = spec.in_channels // groups
-    out_size = tuple(grad_output.shape[2:])
-    # a zero slot at the end of every kept axis stands for dropped positions
-    kept_sizes = tuple(x.shape[2:])
-    patches = x.new_zeros(*(a + 1 for a in kept_sizes), n * spec.in_channels)
-    patches[tuple(slice(0, a) for a in kept_sizes)] = _positions_first(x, ndim).view(
-        *kept_sizes, -1
+    """PyTorch's weight-gradient kernel on the zero-filled, explicitly padded input."""
+    ndim = spec.ndim
+    # fill positions first: copies of whole rows (x_kept is stored that way)
+    filled = _positions_first(x, ndim)
+    for d, rows in enumerate(positions):
+        # the shortest padded input with this output size; a kept position
+        # past it (a padded copy after the last window) meets no output
+        length = (grad_output.shape[2 + d] - 1) * spec.stride[d]
+        length += spec.dilation[d] * (spec.kernel_size[d] - 1) + 1
+        inside = rows < length
+        if not bool(inside.all()):
+            filled = filled.index_select(d, inside.nonzero().squeeze(1).to(x.device))
+            rows = rows[inside]
+        shape = list(filled.shape)
+        shape[d] = length
+        filled = filled.new_zeros(shape).index_copy_(d, rows.to(x.device), filled)
+    # PyTorch's kernel is 3x slower on a positions-first (channels-last) input
+    filled = filled.permute(ndim, ndim + 1, *range(ndim)).contiguous()
+    unpadded = dataclasses.replace(
+        spec, padding=((0, 0),) * spec.ndim, padding_mode="zeros"
     )
-    rows = _positions_first(grad_output, ndim)
-    touched_sizes = []
-    for d in range(ndim):
-        hit = _tap_outputs(
-            positions[d], out_size[d], spec.kernel_size[d], spec.stride[d],
-            spec.dilation[d],
-        )  # fmt: skip
-        touched = hit[hit >= 0].unique()
-        if len(touched) == 0:  # no kept position meets an output
-            return x.new_zeros(spec.weight_shape())
-        # slot[t, k]: which kept position tap k of touched output t reads
-        taps = spec.dilation[d] * torch.arange(spec.kernel_size[d]).view(1, -1)
-        wanted = touched.view(-1, 1) * spec.stride[d] + taps
-        lookup = torch.full((int(wanted.max()) + 1,), len(positions[d]))
-        inside = positions[d] < len(lookup)
-        lookup[positions[d][inside]] = inside.nonzero().squeeze(1)
-        patches = patches.index_select(d, lookup[wanted].reshape(-1).to(x.device))
-        if len(touched) < out_size[d]:
-            rows = rows.index_select(d, touched.to(x.device))
-        touched_sizes.append(len(touched))
-    # patches [T0, K0, T1, K1, ..., N, G, Cg] -> [T..., N, G, Cg, K...]
-    split = [size for pair in zip(touched_sizes, spec.kernel_size) for size in pair]
-    patches = patches.view(*split, n, groups, c_in)
-    order = [*range(0, 2 * ndim, 2), *range(2 * ndim, 2 * ndim + 3)]
-    order += list(range(1, 2 * ndim, 2))
-    patches = patches.permute(order).reshape(-1, groups, c_in * prod(spec.kernel_size))
-    rows = rows.reshape(-1, groups, spec.out_channels // groups)
-    return _contract_rows(rows, patches, groups).reshape(spec.weight_shape())
+    return torch_routes.weight_vjp(unpadded, filled, grad_output)
