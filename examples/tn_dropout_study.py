@@ -68,7 +68,13 @@ def all_conv_net(width: int = 16) -> nn.Sequential:
     """All-CNN-C in miniature: 3x3 convs, two with stride 2, 1x1 head, average."""
     w, w2 = width, 2 * width
     layers: List[nn.Module] = []
-    for c_in, c_out, stride in [(1, w, 1), (w, w, 1), (w, w2, 2), (w2, w2, 1), (w2, w2, 2)]:
+    for c_in, c_out, stride in [
+        (1, w, 1),
+        (w, w, 1),
+        (w, w2, 2),
+        (w2, w2, 1),
+        (w2, w2, 2),
+    ]:
         layers += [nn.Conv2d(c_in, c_out, 3, stride, padding=1), nn.ReLU()]
     return nn.Sequential(
         *layers, nn.Conv2d(w2, 10, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()
@@ -78,7 +84,9 @@ def all_conv_net(width: int = 16) -> nn.Sequential:
 def conv_weights(model: nn.Module) -> List[Tensor]:
     """The weights of the (sampled or plain) convolutions, in order."""
     # a SampledConv's wrapped layer is no child module: each weight appears once
-    return [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, SampledConv))]
+    return [
+        m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, SampledConv))
+    ]
 
 
 def weight_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -106,8 +114,8 @@ def stored_fraction(model: nn.Module, x: Tensor) -> float:
         total += x_layer.numel() * x_layer.element_size()
         sizes: List[int] = []
 
-        def pack(tensor: Tensor, sizes=sizes) -> Tensor:
-            if tensor.is_floating_point() and tensor is not layer.weight:
+        def pack(tensor: Tensor, sizes=sizes, weight=layer.weight) -> Tensor:
+            if tensor.is_floating_point() and tensor is not weight:
                 sizes.append(tensor.numel() * tensor.element_size())
             return tensor
 
@@ -118,13 +126,18 @@ def stored_fraction(model: nn.Module, x: Tensor) -> float:
 
 
 def error_vs_memory(
-    model: nn.Module, x: Tensor, y: Tensor, draws: int, seed: int = 0
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    draws: int,
+    keeps: Sequence[float] = KEEPS,
+    seed: int = 0,
 ) -> List[Dict[str, float]]:
     """Normalized error and stored fraction per (mode, keep) on one batch."""
     exact = weight_gradient(model, x, y)
     rows = []
     for mode in MODES:
-        for keep in KEEPS:
+        for keep in keeps:
             generator = torch.Generator().manual_seed(seed)
             sampled = sample_convolutions(copy.deepcopy(model), keep, mode, generator)
             errors = [
@@ -132,7 +145,7 @@ def error_vs_memory(
                  / exact.square().sum()).item()
                 for _ in range(draws)
             ]  # fmt: skip
-            stored = statistics.mean(stored_fraction(sampled, x) for _ in range(5))
+            stored = statistics.mean(stored_fraction(sampled, x) for _ in range(3))
             rows.append(
                 dict(mode=mode, keep=keep, error=statistics.mean(errors), stored=stored)
             )
@@ -174,7 +187,8 @@ def train(
 def smooth(values: Sequence[float], width: int = 10) -> List[float]:
     """Running mean over the last ``width`` values."""
     return [
-        statistics.mean(values[max(0, i - width + 1) : i + 1]) for i in range(len(values))
+        statistics.mean(values[max(0, i - width + 1) : i + 1])
+        for i in range(len(values))
     ]
 
 
@@ -229,10 +243,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     parser.add_argument("--output", type=Path, default=ROOT, help="repository root")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    epochs, draws, seeds = args.epochs, args.draws, SEEDS
-    if args.quick:
-        epochs, draws, seeds = 1, 2, SEEDS[:1]
+    epochs, draws, seeds, keeps = args.epochs, args.draws, SEEDS, KEEPS
     data = digits()
+    if args.quick:  # a smoke test: few samples, one epoch, one seed
+        epochs, draws, seeds, keeps = 1, 1, SEEDS[:1], KEEPS[2:3]
+        data = (data[0][:64], data[1][:64], data[2][:64], data[3][:64])
     x_train, y_train = data[0], data[1]
     probe_x, probe_y = x_train[:128], y_train[:128]
 
@@ -248,8 +263,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
                 trained = model
     torch.manual_seed(0)
     errors = {
-        "untrained": error_vs_memory(all_conv_net(), probe_x, probe_y, draws),
-        "trained": error_vs_memory(trained, probe_x, probe_y, draws),
+        "untrained": error_vs_memory(all_conv_net(), probe_x, probe_y, draws, keeps),
+        "trained": error_vs_memory(trained, probe_x, probe_y, draws, keeps),
     }
 
     print("normalized error E|g_hat - g|^2/|g|^2 (stored fraction)")
