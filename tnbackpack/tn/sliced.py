@@ -41,7 +41,7 @@ from torch import Tensor
 
 from . import functional, torch_routes
 from .network import TensorNetwork
-from .pattern import source_positions, summed_index_pattern
+from .pattern import source_positions
 from .spec import ConvSpec
 
 ROUTES = ("auto", "tn", "gather", "scatter", "torch")
@@ -78,19 +78,13 @@ def read_positions(spec: ConvSpec, input_size: Sequence[int]) -> List[Tensor]:
     output_size = spec.output_size(input_size)
     masks = []
     for d in range(spec.ndim):
-        counts = summed_index_pattern(
-            input_size[d],
-            output_size[d],
-            spec.kernel_size[d],
-            spec.stride[d],
-            spec.padding[d][0],
-            spec.dilation[d],
-            spec.padding_mode,
-            False,
-            torch.device("cpu"),
-            torch.float32,
-        )
-        masks.append(counts.sum(0) > 0)
+        taps = torch.arange(spec.kernel_size[d]).view(-1, 1) * spec.dilation[d]
+        windows = torch.arange(output_size[d]).view(1, -1) * spec.stride[d]
+        virtual = taps + windows - spec.padding[d][0]
+        real, reads = source_positions(virtual, input_size[d], spec.padding_mode)
+        mask = torch.zeros(input_size[d], dtype=torch.bool)
+        mask[real[reads]] = True
+        masks.append(mask)
     return masks
 
 
