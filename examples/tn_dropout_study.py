@@ -76,9 +76,16 @@ def all_conv_net(width: int = 16) -> nn.Sequential:
         (w2, w2, 2),
     ]:
         layers += [nn.Conv2d(c_in, c_out, 3, stride, padding=1), nn.ReLU()]
-    return nn.Sequential(
+    model = nn.Sequential(
         *layers, nn.Conv2d(w2, 10, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()
     )
+    for module in model:
+        if isinstance(module, nn.Conv2d):
+            # He initialization: without batch norm, PyTorch's default makes
+            # the signal vanish through six layers and SGD does not start
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+    return model
 
 
 def conv_weights(model: nn.Module) -> List[Tensor]:
@@ -239,7 +246,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     parser.add_argument("--quick", action="store_true", help="a few steps only")
     parser.add_argument("--epochs", type=int, default=12, help="training epochs (12)")
     parser.add_argument("--draws", type=int, default=20, help="draws per error (20)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     parser.add_argument("--output", type=Path, default=ROOT, help="repository root")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -257,6 +264,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     for seed in seeds:
         for keep in TRAIN_KEEPS:
             model, losses, accuracy = train(keep, seed, data, epochs)
+            print(f"  trained seed {seed}, keep {keep:g}: {accuracy:.1%}", flush=True)
             accuracies[keep].append(accuracy)
             curves[keep].append(losses)
             if keep == 1 and trained is None:
