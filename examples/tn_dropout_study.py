@@ -51,6 +51,16 @@ TRAIN_KEEPS = (1.0, 0.5, 0.25)
 SEEDS = (0, 1, 2)
 
 
+def feature_layer(name: str, conv: nn.Module) -> bool:
+    """Sample the 3x3 feature convolutions, not the 1x1 classifier.
+
+    The classifier's input is the 4x4 map (4% of the conv inputs' memory);
+    sampling its 16 positions made SGD unstable (seed 0, keep 0.5: 39% test
+    accuracy instead of 95%).
+    """
+    return conv.kernel_size != (1, 1)
+
+
 def digits(size: int = 16) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Digits upsampled to ``[N, 1, size, size]``, standardized; fixed 2/3 split."""
     data = load_digits()
@@ -146,7 +156,9 @@ def error_vs_memory(
     for mode in MODES:
         for keep in keeps:
             generator = torch.Generator().manual_seed(seed)
-            sampled = sample_convolutions(copy.deepcopy(model), keep, mode, generator)
+            sampled = sample_convolutions(
+                copy.deepcopy(model), keep, mode, generator, include=feature_layer
+            )
             errors = [
                 ((weight_gradient(sampled, x, y) - exact).square().sum()
                  / exact.square().sum()).item()
@@ -173,7 +185,7 @@ def train(
     model = all_conv_net()
     if keep < 1:
         generator = torch.Generator().manual_seed(1000 + seed)
-        sample_convolutions(model, keep, "spatial", generator)
+        sample_convolutions(model, keep, "spatial", generator, include=feature_layer)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     order = torch.Generator().manual_seed(seed)
     losses = []

@@ -204,6 +204,24 @@ def test_sample_convolutions_replaces_in_place_and_shares_parameters():
     assert isinstance(sample_convolutions(nn.Conv2d(1, 1, 1)), SampledConv)
 
 
+def test_sample_convolutions_include():
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.Sequential(nn.Conv2d(2, 2, 3), nn.Conv2d(2, 2, 1))
+    )
+    seen = []
+
+    def include(name, layer):
+        seen.append(name)
+        return layer.kernel_size != (1, 1)
+
+    sample_convolutions(model, include=include)
+    assert seen == ["0", "1.0", "1.1"]
+    assert isinstance(model[0], SampledConv) and isinstance(model[1][0], SampledConv)
+    assert isinstance(model[1][1], nn.Conv2d)
+    single = nn.Conv2d(1, 1, 1)
+    assert sample_convolutions(single, include=lambda name, layer: False) is single
+
+
 def test_exact_gradients_context_manager():
     torch.manual_seed(0)
     model = sample_convolutions(

@@ -9,7 +9,7 @@ exact; the weight gradient is the unbiased estimate from kept slices.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -109,12 +109,16 @@ def sample_convolutions(
     keep: float = 0.5,
     sample: str = "spatial",
     generator: Optional[torch.Generator] = None,
+    include: Optional[Callable[[str, nn.Module], bool]] = None,
 ) -> nn.Module:
     """Replace every ``nn.Conv1d/2d/3d`` in ``model`` by :class:`SampledConv`, in place.
 
     Layers that are already sampled are left alone. Returns ``model`` (or the
     wrapper, if ``model`` itself is a convolution). Arguments as for
-    :class:`SampledConv`; all layers share ``generator``.
+    :class:`SampledConv`; all layers share ``generator``. ``include(name,
+    layer)``, given the layer's qualified name, selects the layers to sample
+    (default: all). A classifier convolution on a small map stores little and
+    can be left exact: ``include=lambda name, conv: conv.kernel_size != (1, 1)``.
 
     Raises:
         ValueError: If ``model`` is not a module, ``keep`` is not in
@@ -124,13 +128,21 @@ def sample_convolutions(
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     keep, sample = check_keep(keep), check_sample(sample)
     check_generator(generator)
+    if include is None:
+
+        def include(name: str, layer: nn.Module) -> bool:
+            return True
+
     if isinstance(model, _CONVOLUTIONS):
+        if not include("", model):
+            return model
         return SampledConv(model, keep, sample, generator)
-    for parent in list(model.modules()):
+    for prefix, parent in list(model.named_modules()):
         if isinstance(parent, SampledConv):
             continue
         for name, child in list(parent.named_children()):
-            if isinstance(child, _CONVOLUTIONS):
+            qualified = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, _CONVOLUTIONS) and include(qualified, child):
                 setattr(parent, name, SampledConv(child, keep, sample, generator))
     return model
 
