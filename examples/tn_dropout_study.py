@@ -11,7 +11,8 @@ two of stride 2, a 1x1 classifier convolution, global average pooling):
    with ``saved_tensors_hooks``), for the untrained network and for the
    network after exact training.
 2. Training. Exact SGD against spatial sampling at keep 0.5 and 0.25, same
-   steps and data order, three seeds; final test accuracy.
+   steps and data order, three seeds; final test accuracy. All runs clip
+   the gradient norm at 1; sampled runs take their first epoch exactly.
 
 Writes ``docs/images/tn_dropout_error.png``, ``docs/images/tn_dropout_training.png``
 and ``docs/randomized/study.csv`` (the numbers of both plots), and prints the
@@ -25,6 +26,7 @@ import argparse
 import copy
 import csv
 import statistics
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -32,6 +34,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display needed; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
@@ -40,6 +43,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from tnbackpack.randomized import (  # noqa: E402
     SampledConv,
+    exact_gradients,
     restore_convolutions,
     sample_convolutions,
 )
@@ -178,8 +182,16 @@ def train(
     epochs: int,
     batch: int = 64,
     lr: float = 0.05,
+    clip: float = 1.0,
+    exact_epochs: int = 1,
 ) -> Tuple[nn.Module, List[float], float]:
-    """SGD with momentum; spatial sampling at ``keep`` (1: exact). Same data order."""
+    """SGD with momentum; spatial sampling at ``keep`` (1: exact). Same data order.
+
+    Every run clips the gradient norm at ``clip``. Sampled runs take their
+    first ``exact_epochs`` epochs with exact gradients: at initialization
+    (loss up to 3.6) the network is fragile, and without these two measures
+    one seed in three of keep 0.5 collapsed to chance (about 10-40%).
+    """
     x_train, y_train, x_test, y_test = data
     torch.manual_seed(seed)
     model = all_conv_net()
@@ -189,15 +201,17 @@ def train(
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     order = torch.Generator().manual_seed(seed)
     losses = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
         permutation = torch.randperm(len(x_train), generator=order)
-        for start in range(0, len(x_train), batch):
-            index = permutation[start : start + batch]
-            loss = F.cross_entropy(model(x_train[index]), y_train[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        with exact_gradients(model) if epoch < exact_epochs else nullcontext():
+            for start in range(0, len(x_train), batch):
+                index = permutation[start : start + batch]
+                loss = F.cross_entropy(model(x_train[index]), y_train[index])
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), clip)
+                optimizer.step()
+                losses.append(loss.item())
     with torch.no_grad():
         accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
     return restore_convolutions(model), losses, accuracy
@@ -223,7 +237,9 @@ def plot_errors(results: Dict[str, List[Dict[str, float]]], path: Path) -> None:
             )  # fmt: skip
         axis.set_xscale("log")
         axis.set_yscale("log")
-        axis.set_xlabel("stored fraction of the conv inputs")
+        axis.set_xticks([0.1, 0.25, 0.5, 0.75], ["0.1", "0.25", "0.5", "0.75"])
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.set_xlabel("stored fraction of the sampled convs' inputs")
         axis.set_title(f"{state} network")
         axis.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("E‖ĝ − g‖² / ‖g‖²")
