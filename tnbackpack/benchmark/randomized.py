@@ -234,7 +234,7 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--layers", help=f"comma list of: {','.join(LAYERS)}")
     parser.add_argument("--batch", type=int, default=32, help="batch size (32)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
-    parser.add_argument("--repeats", type=int, default=9, help="rounds (9)")
+    parser.add_argument("--repeats", type=int, default=15, help="rounds (15)")
     parser.add_argument(
         "--output", type=Path, help="output directory (docs/benchmarks/randomized)"
     )
