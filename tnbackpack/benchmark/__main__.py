@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -46,6 +47,12 @@ def parse(argv: Optional[List[str]] = None) -> Settings:
         action="store_true",
         help="benchmark factorized convolutions instead (tnbackpack.benchmark."
         "factorized; its own options, see --factorized --help)",
+    )
+    parser.add_argument(
+        "--randomized",
+        action="store_true",
+        help="instead: TN dropout (sampled conv backward) vs exact and masked; "
+        "see python -m tnbackpack.benchmark --randomized -h",
     )
     parser.add_argument("--cases", help=f"comma list of: {','.join(CASES)}")
     parser.add_argument(
@@ -140,18 +147,21 @@ def parse(argv: Optional[List[str]] = None) -> Settings:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Run the benchmark (``--factorized``, ``--conv-einsum``: those benchmarks)."""
+    """Run the benchmark, or one of the others named by a flag.
+
+    ``--factorized``, ``--conv-einsum`` and ``--randomized`` hand the remaining
+    arguments to those benchmarks.
+    """
     arguments = sys.argv[1:] if argv is None else list(argv)
-    if "--factorized" in arguments:
-        from .factorized import main as factorized_main
-
-        factorized_main([a for a in arguments if a != "--factorized"])
-        return
-    if "--conv-einsum" in arguments:
-        from .conv_einsum import main as conv_einsum_main
-
-        conv_einsum_main([a for a in arguments if a != "--conv-einsum"])
-        return
+    for flag, module in (
+        ("--factorized", "factorized"),
+        ("--conv-einsum", "conv_einsum"),
+        ("--randomized", "randomized"),
+    ):
+        if flag in arguments:
+            other = importlib.import_module(f"{__package__}.{module}")
+            other.main([a for a in arguments if a != flag])
+            return
     run(parse(argv))
 
 
