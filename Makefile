@@ -6,13 +6,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.installed-docs
 CLIENTS_STAMP := $(VENV)/.installed-clients
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: demo test test-slow lint bench docs clients clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch is named in the same pip command so that the CPU build is used.
-	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0 -e ".[test,examples]"
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0 -e ".[test,examples,decompositions]"
 	touch $(STAMP)
 
 $(DOCS_STAMP): $(STAMP)
@@ -27,6 +28,11 @@ $(CLIENTS_STAMP): $(STAMP)
 	touch $(CLIENTS_STAMP)
 
 clients: $(CLIENTS_STAMP)
+
+# tensorly-torch, a baseline of the conv_einsum benchmark only.
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0 -e ".[bench]"
+	touch $(BENCH_STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
@@ -45,7 +51,7 @@ lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff
 	$(VENV)/bin/ruff check tnbackpack tests examples
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(PY) -m tnbackpack.benchmark
 
 clean:
