@@ -121,11 +121,11 @@ def _pair(a: Tensor, la: str, b: Tensor, lb: str, out: str, p: int) -> Tensor:
     a = a.reshape(numel(batch), numel(left), numel(summed))
     b = b.permute([lb.index(c) for c in batch + summed + right])
     b = b.reshape(numel(batch), numel(summed), numel(right))
-    result = torch.zeros(a.shape[0], a.shape[1], b.shape[2], dtype=torch.int64)
     step = _chunk(p)
-    for start in range(0, a.shape[2], step):
+    result = torch.bmm(a[:, :, :step], b[:, :step]).remainder_(p)
+    for start in range(step, a.shape[2], step):
         stop = start + step
-        result = (result + torch.bmm(a[:, :, start:stop], b[:, start:stop])).remainder(p)
+        result.add_(torch.bmm(a[:, :, start:stop], b[:, start:stop])).remainder_(p)
     result = result.reshape([size[c] for c in batch + left + right])
     order = batch + left + right
     return result.permute([order.index(c) for c in out])
@@ -210,36 +210,60 @@ def _inverse_mod(matrix: Tensor, p: int) -> Tensor:
 #: Columns per panel of the blocked elimination (the inner dimension of the
 #: trailing update, kept ≤ 127 so that one int64 matmul cannot overflow).
 PANEL = 96
+#: Panels are themselves eliminated blockwise, in sub-panels of this width:
+#: an unblocked step touches every row of its panel, so narrow is cheap.
+SUBPANEL = 12
 
 
-def independent_rows(matrix: Tensor, p: int) -> List[int]:
+def independent_rows(matrix: Tensor, p: int, panel: int = PANEL) -> List[int]:
     """Indices of rows of an int64 residue matrix that form a basis of its row space.
 
     Blocked elimination modulo ``p``: per panel of columns, a maximal
     nonsingular submatrix ``S`` (pivot rows × pivot columns) is found, and the
     other rows lose their panel part through ``rows -= (P_rest S⁻¹) · pivots``,
-    one matrix product. So the cost is ``O(rows · cols · rank)`` in int64
+    one matrix product. So the cost is ``O(rows · cols · rank)``, mostly int64
     matmuls. The number of rows returned is ``rank_p``.
     """
-    active = matrix
+    active = matrix.clone()  # eliminated in place; the caller's matrix stays
     ids = torch.arange(matrix.shape[0])
     chosen: List[int] = []
     while active.shape[0] and active.shape[1]:
-        panel = active[:, :PANEL]
-        rows, cols = _panel_pivots(panel, p)
-        if rows:
-            chosen.extend(int(ids[r]) for r in rows)
-            rest = torch.ones(active.shape[0], dtype=torch.bool)
-            rest[rows] = False
-            pivots = active[rows]
-            weights = matmul_mod(active[rest][:, cols], _inverse_mod(pivots[:, cols], p), p)
-            trailing = active[rest][:, PANEL:]
-            update = matmul_mod(weights, pivots[:, PANEL:], p)
-            active = (trailing - update).remainder(p)
-            ids = ids[rest]
+        block = active[:, :panel]
+        if panel > SUBPANEL:
+            rows = independent_rows(block, p, SUBPANEL)
+            cols = _panel_pivots(block[rows], p)[1] if rows else []
         else:
-            active = active[:, PANEL:]
+            rows, cols = _panel_pivots(block, p)
+        if rows:
+            _rows_to_top(active, ids, rows)
+            k = len(rows)
+            chosen.extend(int(i) for i in ids[:k])
+            pivots, others = active[:k], active[k:]
+            weights = matmul_mod(others[:, cols], _inverse_mod(pivots[:, cols], p), p)
+            update = matmul_mod(weights, pivots[:, panel:], p)
+            # both sides are residues, so the difference is in (-p, p)
+            active = others[:, panel:].sub_(update)
+            active += (active < 0) * p
+            ids = ids[k:]
+        else:
+            active = active[:, panel:]
     return chosen
+
+
+def _rows_to_top(matrix: Tensor, ids: Tensor, rows: Sequence[int]) -> None:
+    """Swap the rows ``rows`` (in this order) to the top, in place, ids alike."""
+    position = {r: r for r in rows}  # current position of each wanted row
+    holder = {}  # original row now held at a position (only moved ones)
+    for target, row in enumerate(rows):
+        current = position[row]
+        if current != target:
+            displaced = holder.get(target, target)
+            matrix[[target, current]] = matrix[[current, target]]
+            ids[[target, current]] = ids[[current, target]]
+            holder[current], holder[target] = displaced, row
+            if displaced in position:
+                position[displaced] = current
+            position[row] = target
 
 
 def rank_mod_p(matrix: Tensor, p: int) -> int:

@@ -50,6 +50,9 @@ class SeparationRank(int):
         gap: For ``"svd"``, the ratio of consecutive singular values at the
             chosen rank (``inf`` when the rest is zero).
         primes: For ``"exact"``, the primes used.
+        certain: For ``"exact"``, whether the rank reached a minimum cut (an
+            upper bound), which makes it certain; otherwise it is the rational
+            rank with the probability stated in :mod:`.modular`.
     """
 
     def __new__(cls, value: int, **info):
@@ -61,6 +64,7 @@ class SeparationRank(int):
         rank.upper_bound = info.get("upper_bound")
         rank.gap = info.get("gap")
         rank.primes = info.get("primes")
+        rank.certain = info.get("certain")
         return rank
 
     def __repr__(self) -> str:
@@ -126,8 +130,16 @@ def _side(
     return leaves, [name]
 
 
-def _exact_rank(network, rows: List[str], primes: Sequence[int], max_entries: int) -> int:
-    """max over primes of the rank of the matricized network modulo the prime."""
+def _exact_rank(
+    network, rows: List[str], primes: Sequence[int], max_entries: int
+) -> Tuple[int, List[int], bool]:
+    """max over primes of the rank of the matricized network modulo the prime.
+
+    Stops early when a prime reaches the minimum cut: then the rank is certain.
+
+    Returns:
+        The rank, the primes used, and whether it is certain (it reached the cut).
+    """
     sizes = network.sizes()
     num_rows = math.prod(sizes[a] for a in rows)
     num_cols = math.prod(sizes[a] for a in network.output if a not in rows)
@@ -144,7 +156,10 @@ def _exact_rank(network, rows: List[str], primes: Sequence[int], max_entries: in
         else:
             check_entries(num_rows * num_cols, max_entries, "the matricization")
             ranks.append(rank_mod_p(contract_modular(network, p).reshape(num_rows, num_cols), p))
-    return max(ranks)
+        if ranks[-1] == min(int(cut), num_rows, num_cols):
+            # rank_p ≤ rank ≤ cut: certain, more primes cannot add
+            return ranks[-1], list(primes[: len(ranks)]), True
+    return max(ranks), list(primes), False
 
 
 def separation_rank(
@@ -260,11 +275,13 @@ def separation_rank(
     info = dict(bound=bound, shape=shape, upper_bound=upper)
     if method == "exact":
         chosen = random_primes(primes, seed)
-        value = _exact_rank(network, row_axes, chosen, max_entries)
+        value, used, certain = _exact_rank(network, row_axes, chosen, max_entries)
         svals = None
         if singular_values and shape[0] * shape[1] <= min(SVD_ENTRIES, max_entries):
             svals = torch.linalg.svdvals(matrix())
-        return SeparationRank(value, method="exact", primes=chosen, singular_values=svals, **info)
+        return SeparationRank(
+            value, method="exact", primes=used, certain=certain, singular_values=svals, **info
+        )
     svals = torch.linalg.svdvals(matrix())
     value, ratio = gap_rank(svals, shape, gap)
     return SeparationRank(value, method="svd", singular_values=svals, gap=ratio, **info)
