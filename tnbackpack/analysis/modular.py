@@ -207,8 +207,9 @@ def _inverse_mod(matrix: Tensor, p: int) -> Tensor:
     return a[:, k:]
 
 
-#: Columns per panel of the blocked elimination (the inner dimension of the
-#: trailing update, kept ≤ 127 so that one int64 matmul cannot overflow).
+#: Columns per panel of the blocked elimination: the inner dimension of the
+#: trailing update, kept ≤ 126 so that one int64 matmul plus a residue cannot
+#: overflow (127·p² + p < 2^63 for p < 2^28).
 PANEL = 96
 #: Panels are themselves eliminated blockwise, in sub-panels of this width:
 #: an unblocked step touches every row of its panel, so narrow is cheap.
@@ -240,10 +241,10 @@ def independent_rows(matrix: Tensor, p: int, panel: int = PANEL) -> List[int]:
             chosen.extend(int(i) for i in ids[:k])
             pivots, others = active[:k], active[k:]
             weights = matmul_mod(others[:, cols], _inverse_mod(pivots[:, cols], p), p)
-            update = matmul_mod(weights, pivots[:, panel:], p)
-            # both sides are residues, so the difference is in (-p, p)
-            active = others[:, panel:].sub_(update)
-            active += (active < 0) * p
+            # rows -= weights · pivots, as rows + (p - weights) · pivots: one
+            # product, one addition and one reduction over the trailing matrix
+            negated = (p - weights).remainder_(p)
+            active = torch.mm(negated, pivots[:, panel:]).add_(others[:, panel:]).remainder_(p)
             ids = ids[k:]
         else:
             active = active[:, panel:]
