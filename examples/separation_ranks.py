@@ -10,8 +10,8 @@ rank by the spectral-gap rule), next to the bound of a ConvAC of the same
 shape, to show where the ConvAC bounds stop holding. Writes a markdown page
 and a plot of log₂-rank per partition.
 
-    python examples/separation_ranks.py                    # the full tables (~15-30 min)
-    python examples/separation_ranks.py --quick            # N = 8 only, seconds
+    python examples/separation_ranks.py            # the full tables (~50 min)
+    python examples/separation_ranks.py --quick    # N = 8, M = 2 only, seconds
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_ENTRIES = 3**16
 
 
-def partitions(num_patches: int, pooling: str = "contiguous") -> Dict[str, Tuple[int, ...]]:
+def partitions(
+    num_patches: int, pooling: str = "contiguous"
+) -> Dict[str, Tuple[int, ...]]:
     """1-d partitions, or the 2-d ones of the 4×4 grid (row-major) for 2-d pooling."""
     if pooling == "2-d blocks":
         return {f"2-d {k}": v for k, v in partitions_2d(4, 4).items()}
@@ -54,12 +56,32 @@ def convac_configs(quick: bool) -> List[dict]:
     configs = []
     sizes = [8] if quick else [8, 16]
     for n in sizes:
-        for m in (2, 3):
+        for m in (2,) if quick else (2, 3):
             for width in (1, 2, 3, 4):
-                configs.append(dict(kind="shallow", pooling="global", shared=False, n=n, m=m, width=width))
-                for pooling in ("contiguous", "mirror") + (("2-d blocks",) if n == 16 else ()):
+                configs.append(
+                    dict(
+                        kind="shallow",
+                        pooling="global",
+                        shared=False,
+                        n=n,
+                        m=m,
+                        width=width,
+                    )
+                )
+                for pooling in ("contiguous", "mirror") + (
+                    ("2-d blocks",) if n == 16 else ()
+                ):
                     for shared in (False, True):
-                        configs.append(dict(kind="deep", pooling=pooling, shared=shared, n=n, m=m, width=width))
+                        configs.append(
+                            dict(
+                                kind="deep",
+                                pooling=pooling,
+                                shared=shared,
+                                n=n,
+                                m=m,
+                                width=width,
+                            )
+                        )
     return configs
 
 
@@ -72,7 +94,9 @@ def build_convac(config: dict, generator: torch.Generator) -> nn.Module:
         "mirror": mirror_windows,
         "2-d blocks": lambda k: block_windows(4, 4),
     }[config["pooling"]](n)
-    return deep_convac(n, m, [width] * len(windows), windows, config["shared"], generator)
+    return deep_convac(
+        n, m, [width] * len(windows), windows, config["shared"], generator
+    )
 
 
 def float_svd_rank(singular_values: Optional[Tensor], shape) -> Optional[int]:
@@ -99,22 +123,37 @@ def convac_table(quick: bool, seed: int) -> List[dict]:
             gap = None
             if rank.singular_values is not None:
                 gap = gap_rank(rank.singular_values, rank.shape, 1e3)[0]
-            cells[name] = dict(rank=int(rank), cut=int(cut), svd=svd, gap=gap, certain=rank.certain)
+            cells[name] = dict(
+                rank=int(rank), cut=int(cut), svd=svd, gap=gap, certain=rank.certain
+            )
         rows.append(dict(config, cells=cells))
         print(_line(config, cells), flush=True)
     return rows
 
 
 def _line(config: dict, cells: dict) -> str:
-    head = f"{config['kind']:7} {config['pooling']:10} {'shared' if config['shared'] else 'unshared':8} N={config['n']:2} M={config['m']} r={config.get('width')}"
-    return head + "  " + "  ".join(f"{k}: {c['rank']}/{c['cut']}" for k, c in cells.items())
+    weights = "shared" if config["shared"] else "unshared"
+    head = (
+        f"{config['kind']:7} {config['pooling']:10} {weights:8} "
+        f"N={config['n']:2} M={config['m']} r={config['width']}"
+    )
+    return (
+        head
+        + "  "
+        + "  ".join(f"{k}: {c['rank']}/{c['cut']}" for k, c in cells.items())
+    )
 
 
 class ReLUCNN(nn.Module):
     """1×1 convolutions + ReLU + size-2 max or average pooling, then a linear output."""
 
     def __init__(
-        self, num_patches: int, in_features: int, width: int, pooling: str, generator: torch.Generator
+        self,
+        num_patches: int,
+        in_features: int,
+        width: int,
+        pooling: str,
+        generator: torch.Generator,
     ):
         super().__init__()
         layers: List[nn.Module] = []
@@ -141,28 +180,44 @@ def relu_table(quick: bool, seed: int) -> List[dict]:
     """Numerical ranks of ReLU CNNs (full grids; sampled rows/columns for 3^16)."""
     generator = torch.Generator().manual_seed(seed)
     rows = []
-    sizes = [(8, 2), (8, 3)] + ([] if quick else [(16, 2), (16, 3)])
+    sizes = [(8, 2)] + ([] if quick else [(8, 3), (16, 2), (16, 3)])
     for n, m in sizes:
         features = 3
         templates = torch.randn(m, features, generator=generator)
         for width in (2, 4, 8):
-            bound_model = deep_convac(n, m, [width] * len(contiguous_windows(n)), generator=generator)
+            bound_model = deep_convac(
+                n, m, [width] * len(contiguous_windows(n)), generator=generator
+            )
             for pooling in ("max", "avg"):
                 model = ReLUCNN(n, features, width, pooling, generator)
                 cells = {}
                 for name, rows_of in partitions(n).items():
                     samples = 729 if m**n > 2**17 else None
-                    rank = separation_rank(model, templates, rows_of, n, samples=samples, generator=generator)
+                    rank = separation_rank(
+                        model,
+                        templates,
+                        rows_of,
+                        n,
+                        samples=samples,
+                        generator=generator,
+                    )
                     bound = int(mincut_bound(bound_model, rows_of, num_templates=m))
-                    cells[name] = dict(rank=int(rank), cut=bound, lower=rank.bound == "lower", gap=rank.gap)
-                config = dict(kind="ReLU CNN", pooling=pooling, shared=True, n=n, m=m, width=width)
+                    cells[name] = dict(
+                        rank=int(rank),
+                        cut=bound,
+                        lower=rank.bound == "lower",
+                        gap=rank.gap,
+                    )
+                config = dict(
+                    kind="ReLU CNN", pooling=pooling, shared=True, n=n, m=m, width=width
+                )
                 rows.append(dict(config, cells=cells))
                 print(_line(config, cells), flush=True)
     return rows
 
 
 def _cell(cell: dict) -> str:
-    """``rank / bound``; bold where the rank is below the bound, ``≥`` for lower bounds."""
+    """``rank / bound``; bold where they differ, ``≥`` for lower bounds."""
     prefix = "≥" if cell.get("lower") else ""
     text = f"{prefix}{cell['rank']} / {cell['cut']}"
     if cell["rank"] != cell["cut"]:
@@ -170,7 +225,9 @@ def _cell(cell: dict) -> str:
     return text
 
 
-def markdown(convacs: List[dict], relus: List[dict], seconds: float, command: str) -> str:
+def markdown(
+    convacs: List[dict], relus: List[dict], seconds: float, command: str
+) -> str:
     """The results page."""
     out = [
         "# Separation ranks: results",
@@ -189,12 +246,21 @@ def markdown(convacs: List[dict], relus: List[dict], seconds: float, command: st
         names = list(partitions(n, "2-d blocks" if two_d else "contiguous"))
         grid = " (4×4 grid, 2×2 block pooling)" if two_d else ""
         out += ["", f"## ConvACs, N = {n}{grid}", ""]
-        out.append("| model | pooling | weights | M | width | " + " | ".join(names) + " |")
+        out.append(
+            "| model | pooling | weights | M | width | " + " | ".join(names) + " |"
+        )
         out.append("|" + "---|" * (5 + len(names)))
-        for row in (r for r in convacs if r["n"] == n and (r["pooling"] == "2-d blocks") == two_d):
+        for row in (
+            r
+            for r in convacs
+            if r["n"] == n and (r["pooling"] == "2-d blocks") == two_d
+        ):
             weights = "shared" if row["shared"] else "unshared"
             cells = " | ".join(_cell(row["cells"][k]) for k in names)
-            out.append(f"| {row['kind']} | {row['pooling']} | {weights} | {row['m']} | {row['width']} | {cells} |")
+            out.append(
+                f"| {row['kind']} | {row['pooling']} | {weights} | {row['m']} "
+                f"| {row['width']} | {cells} |"
+            )
     out += _svd_summary(convacs)
     out += [
         "",
@@ -203,7 +269,8 @@ def markdown(convacs: List[dict], relus: List[dict], seconds: float, command: st
         "A 1-d CNN of the same shape as the contiguous deep ConvAC: per level a "
         "1×1 convolution with bias (shared weights), ReLU, and size-2 max or "
         "average pooling; a linear output. Templates: M random Gaussian vectors "
-        "of 3 features; conv weights unit Gaussian, biases N(0, 0.1²). Each cell is **numerical rank / ConvAC bound** (min-cut "
+        "of 3 features; conv weights unit Gaussian, biases N(0, 0.1²). Each cell "
+        "is **numerical rank / ConvAC bound** (min-cut "
         "of an unshared contiguous ConvAC with the same widths and M). Ranks are "
         "float64 SVD ranks by the spectral-gap rule; for N = 16, M = 3 the grid "
         "has 3^16 entries, so 729 sampled rows × 729 sampled columns give lower "
@@ -235,7 +302,8 @@ def _svd_summary(convacs: List[dict]) -> List[str]:
             gap += cell["gap"] != cell["rank"]
             if cell["svd"] != cell["rank"] and len(worst) < 8:
                 worst.append(
-                    f"{row['kind']} {row['pooling']} {'shared' if row['shared'] else 'unshared'} "
+                    f"{row['kind']} {row['pooling']} "
+                    f"{'shared' if row['shared'] else 'unshared'} "
                     f"N={row['n']} M={row['m']} width {row['width']}, {name}: exact "
                     f"{cell['rank']}, float SVD {cell['svd']}"
                 )
@@ -253,7 +321,7 @@ def _svd_summary(convacs: List[dict]) -> List[str]:
 
 
 def plot(convacs: List[dict], relus: List[dict], path: Path) -> None:
-    """Grouped bars of log₂ rank per partition (N = 16 if present, else 8; M = 2; width 4)."""
+    """Bars of log₂ rank per partition (largest N, M = 2, width 4, 1-d pooling)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,7 +331,13 @@ def plot(convacs: List[dict], relus: List[dict], path: Path) -> None:
     names = list(partitions(n))
     series = []
     for row in convacs:
-        if row["n"] == n and row["m"] == 2 and row["width"] == 4 and not row["shared"] and row["pooling"] != "2-d blocks":
+        if (
+            row["n"] == n
+            and row["m"] == 2
+            and row["width"] == 4
+            and not row["shared"]
+            and row["pooling"] != "2-d blocks"
+        ):
             series.append((f"ConvAC {row['kind']} {row['pooling']}", row["cells"]))
     for row in relus:
         if row["n"] == n and row["m"] == 2 and row["width"] == 4:
@@ -285,7 +359,7 @@ def plot(convacs: List[dict], relus: List[dict], path: Path) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> Tuple[List[dict], List[dict]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="N = 8 only")
+    parser.add_argument("--quick", action="store_true", help="N = 8, M = 2 only")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "analysis")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -302,7 +376,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Tuple[List[dict], List[dict]]:
         markdown(convacs, relus, seconds, command), encoding="utf-8"
     )
     plot(convacs, relus, args.out / "log_ranks.png")
-    print(f"wrote {args.out / 'separation_ranks.md'} and log_ranks.png in {seconds:.0f} s")
+    print(
+        f"wrote {args.out / 'separation_ranks.md'} and log_ranks.png in {seconds:.0f} s"
+    )
     return convacs, relus
 
 

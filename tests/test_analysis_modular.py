@@ -45,7 +45,12 @@ def rational_rank(rows) -> int:
 def test_primes_are_primes_in_range():
     assert all(is_prime(p) and 2**27 <= p < 2**28 for p in random_primes(5))
     assert [is_prime(n) for n in (1, 2, 91, 97, 2**31 - 1, 2**32 + 1)] == [
-        False, True, False, True, True, False
+        False,
+        True,
+        False,
+        True,
+        True,
+        False,
     ]
 
 
@@ -55,7 +60,9 @@ def test_floats_map_exactly():
         [
             torch.randn(50, generator=g, dtype=torch.float64) * 1e3,
             torch.randn(50, generator=g).to(torch.float64) * 1e-30,
-            torch.tensor([0.0, -0.0, 1.0, -2.5, 2.0**-1074, 1e300], dtype=torch.float64),
+            torch.tensor(
+                [0.0, -0.0, 1.0, -2.5, 2.0**-1074, 1e300], dtype=torch.float64
+            ),
         ]
     )
     for p in PRIMES:
@@ -78,7 +85,10 @@ def exact_convac(model, point):
             for k in window:
                 prod = [x * y for x, y in zip(prod, mapped[k])]
             nodes.append(prod)
-    return sum(Fraction(a) * b for a, b in zip(model.output.detach().double().tolist(), nodes[0]))
+    return sum(
+        Fraction(a) * b
+        for a, b in zip(model.output.detach().double().tolist(), nodes[0])
+    )
 
 
 def test_contraction_modulo_p_equals_exact_rationals():
@@ -102,7 +112,9 @@ def test_contraction_modulo_p_equals_exact_rationals():
 def test_rank_mod_p_equals_rational_rank(rows, cols, inner, seed, zero_rows):
     """Low-rank integer matrices (products of small factors), with zeroed rows."""
     g = torch.Generator().manual_seed(seed)
-    a = torch.randint(-3, 4, (rows, inner), generator=g) @ torch.randint(-3, 4, (inner, cols), generator=g)
+    a = torch.randint(-3, 4, (rows, inner), generator=g) @ torch.randint(
+        -3, 4, (inner, cols), generator=g
+    )
     a[:zero_rows] = 0
     expected = rational_rank(a.tolist())
     for p in PRIMES:

@@ -13,12 +13,12 @@ from tnbackpack.analysis import (
     gap_rank,
     grid_left_right,
     grid_tensor,
+    left_right,
     matricize,
     mincut_bound,
     mirror_windows,
     odd_even,
     outer_inner,
-    left_right,
     partitions_1d,
     separation_rank,
     shallow_convac,
@@ -60,9 +60,21 @@ def closed_form(geometry, partition, r, m):
     the top node (r); a checkerboard splits every 2×2 block 2/2 -> min(r, M²)^4.
     """
     table = {
-        "contiguous": {"left/right": r, "odd/even": min(r, m) ** 4, "outer/inner": min(r, m * m) ** 2},
-        "mirror": {"left/right": min(r, m) ** 4, "odd/even": min(r, m) ** 4, "outer/inner": r},
-        "blocks": {"left/right": r, "top/bottom": r, "checkerboard": min(r, m * m) ** 4},
+        "contiguous": {
+            "left/right": r,
+            "odd/even": min(r, m) ** 4,
+            "outer/inner": min(r, m * m) ** 2,
+        },
+        "mirror": {
+            "left/right": min(r, m) ** 4,
+            "odd/even": min(r, m) ** 4,
+            "outer/inner": r,
+        },
+        "blocks": {
+            "left/right": r,
+            "top/bottom": r,
+            "checkerboard": min(r, m * m) ** 4,
+        },
     }
     return table[geometry][partition]
 
@@ -79,13 +91,19 @@ PARTITIONS = {
 
 
 def build(geometry, r, m, shared=False, seed=0):
-    windows = {"contiguous": None, "mirror": mirror_windows(8), "blocks": block_windows(4, 4)}[geometry]
+    windows = {
+        "contiguous": None,
+        "mirror": mirror_windows(8),
+        "blocks": block_windows(4, 4),
+    }[geometry]
     n = 16 if geometry == "blocks" else 8
     levels = 2 if geometry == "blocks" else 3
     return deep_convac(n, m, [r] * levels, windows, shared, generator(seed))
 
 
-SWEEP = [(g, r, m) for g in ("contiguous", "mirror") for r in (1, 2, 3, 4) for m in (2, 3)]
+SWEEP = [
+    (g, r, m) for g in ("contiguous", "mirror") for r in (1, 2, 3, 4) for m in (2, 3)
+]
 SWEEP += [("blocks", r, 2) for r in (1, 3, 4)]
 FAST = [("contiguous", 2, 2), ("contiguous", 4, 3), ("mirror", 3, 2), ("blocks", 3, 2)]
 
@@ -172,21 +190,29 @@ def test_subgrid_and_samples_are_lower_bounds():
     model = deep_convac(8, 2, [2, 2, 2], generator=generator(5))
     full = separation_rank(model, torch.eye(2), odd_even(8))
     assert full == 16
-    # fixing one split pair (6, 7) leaves three split pairs: 2^3 by the same min-cut argument
+    # fixing the split pair (6, 7) leaves three split pairs: 2^3, as for the min-cut
     sub = separation_rank(model, torch.eye(2), odd_even(8), fixed={6: 0, 7: 1})
     assert sub == 8 and sub.bound == "lower" and sub.shape == (8, 8)
-    sampled = separation_rank(model, torch.eye(2), odd_even(8), samples=5, generator=generator(6))
+    sampled = separation_rank(
+        model, torch.eye(2), odd_even(8), samples=5, generator=generator(6)
+    )
     assert sampled.bound == "lower" and sampled.shape == (5, 5) and sampled == 5
     everything = separation_rank(model, torch.eye(2), odd_even(8), samples=100)
     assert everything.bound == "exact" and everything == 16
     # the same sub-grid by forward passes and SVD, from the grid tensor itself
     grid = grid_tensor(model, torch.eye(2), 8)[..., 0, 1]
     expected = torch.linalg.matrix_rank(matricize(grid, (0, 2, 4))).item()
-    assert separation_rank(model, torch.eye(2), odd_even(8), fixed={6: 0, 7: 1}, method="svd") == expected == 8
+    assert (
+        separation_rank(
+            model, torch.eye(2), odd_even(8), fixed={6: 0, 7: 1}, method="svd"
+        )
+        == expected
+        == 8
+    )
 
 
 def test_redundant_templates_do_not_raise_the_rank():
-    """M = 4 templates in a 2-d feature space: the grid rank stays the coefficient rank."""
+    """M = 4 templates of 2 features: the grid rank stays the coefficient rank."""
     model = deep_convac(8, 2, [2, 2, 2], generator=generator(7))
     templates = torch.randn(4, 2, generator=generator(8), dtype=DTYPE)
     assert separation_rank(model, templates, odd_even(8)) == 16
@@ -211,7 +237,9 @@ def test_errors():
     with pytest.raises(ValueError, match="out of range"):
         separation_rank(model, torch.eye(2), (0,), fixed={1: 5})
     with pytest.raises(TypeError, match="method='exact' needs a ConvAC"):
-        separation_rank(nn.Linear(2, 1), torch.eye(2), (0,), num_patches=2, method="exact")
+        separation_rank(
+            nn.Linear(2, 1), torch.eye(2), (0,), num_patches=2, method="exact"
+        )
     with pytest.raises(ValueError, match="num_patches is needed"):
         separation_rank(nn.Linear(2, 1), torch.eye(2), (0,))
     with pytest.raises(ValueError, match="max_entries=10"):

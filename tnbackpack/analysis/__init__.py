@@ -12,7 +12,14 @@ import it.
 """
 
 from .coefficient import coefficient_network
-from .convac import ConvAC, block_windows, contiguous_windows, deep_convac, mirror_windows, shallow_convac
+from .convac import (
+    ConvAC,
+    block_windows,
+    contiguous_windows,
+    deep_convac,
+    mirror_windows,
+    shallow_convac,
+)
 from .grid import grid_tensor, matricize
 from .mincut import Cut, min_cut
 from .partitions import (

@@ -59,7 +59,9 @@ def convac_network(
         if leaf is not None:
             operand, axes = leaf
             if feature_axis(patch) not in axes:
-                raise ValueError(f"leaf of patch {patch} lacks axis {feature_axis(patch)}")
+                raise ValueError(
+                    f"leaf of patch {patch} lacks axis {feature_axis(patch)}"
+                )
             network.add(operand.to(dtype), axes)
     inputs = [feature_axis(i) for i in range(model.num_patches)]
     for level, windows in enumerate(model.windows):
@@ -95,7 +97,9 @@ def coefficient_network(
     """
     n = model.num_patches
     if templates is None:
-        return convac_network(model, [None] * n, [feature_axis(i) for i in range(n)], dtype)
+        return convac_network(
+            model, [None] * n, [feature_axis(i) for i in range(n)], dtype
+        )
     if templates.ndim != 2 or templates.shape[1] != model.in_features:
         raise ValueError(
             f"templates must be [M, {model.in_features}], got {tuple(templates.shape)}"

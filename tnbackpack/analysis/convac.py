@@ -48,7 +48,9 @@ def mirror_windows(num_patches: int) -> Geometry:
     """
     _check_power_of_two(num_patches)
     first = [(k, num_patches - 1 - k) for k in range(num_patches // 2)]
-    return [first] + contiguous_windows(num_patches // 2) if num_patches > 2 else [first]
+    return (
+        [first] + contiguous_windows(num_patches // 2) if num_patches > 2 else [first]
+    )
 
 
 def block_windows(height: int, width: int) -> Geometry:
@@ -65,8 +67,12 @@ def block_windows(height: int, width: int) -> Geometry:
         half = side // 2
         levels.append(
             [
-                (2 * r * side + 2 * c, 2 * r * side + 2 * c + 1,
-                 (2 * r + 1) * side + 2 * c, (2 * r + 1) * side + 2 * c + 1)
+                (
+                    2 * r * side + 2 * c,
+                    2 * r * side + 2 * c + 1,
+                    (2 * r + 1) * side + 2 * c,
+                    (2 * r + 1) * side + 2 * c + 1,
+                )
                 for r in range(half)
                 for c in range(half)
             ]
@@ -81,7 +87,7 @@ def _check_power_of_two(n: int) -> None:
 
 
 def _check_geometry(num_patches: int, windows: Geometry) -> None:
-    """Each level's windows must cover its input nodes exactly once; one node at the end."""
+    """Each level's windows cover its input nodes once; the last leaves one node."""
     nodes = num_patches
     for level, wins in enumerate(windows):
         covered = sorted(i for w in wins for i in w)
@@ -162,6 +168,7 @@ class ConvAC(nn.Module):
         return h[:, 0] @ self.output.to(h.dtype)
 
     def extra_repr(self) -> str:
+        """Sizes shown by ``print(model)``."""
         sizes = [len(level) for level in self.windows]
         return (
             f"num_patches={self.num_patches}, in_features={self.in_features}, "

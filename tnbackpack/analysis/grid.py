@@ -114,7 +114,11 @@ def grid_tensor(
         ValueError: If ``M^N > max_entries``.
     """
     num_templates = templates.shape[0]
-    check_entries(num_templates**num_patches, max_entries, f"the grid ({num_templates}^{num_patches})")
+    check_entries(
+        num_templates**num_patches,
+        max_entries,
+        f"the grid ({num_templates}^{num_patches})",
+    )
     indices = all_indices(num_templates, num_patches)
     values = evaluate(model, templates, indices, assemble, batch_size)
     return values.reshape((num_templates,) * num_patches)

@@ -35,6 +35,7 @@ class Cut(int):
     row_side: FrozenSet[int]
 
     def __new__(cls, value: int, axes: Tuple[str, ...], row_side: FrozenSet[int]):
+        """Attach the cut's axes and rows' side to its value."""
         cut = super().__new__(cls, value)
         cut.axes, cut.row_side = axes, row_side
         return cut
@@ -103,7 +104,9 @@ def min_cut(network: TensorNetwork, rows: Sequence[str]) -> Cut:
     """
     rows = list(rows)
     if not set(rows) <= set(network.output):
-        raise ValueError(f"rows {sorted(set(rows) - set(network.output))} are no open axes")
+        raise ValueError(
+            f"rows {sorted(set(rows) - set(network.output))} are no open axes"
+        )
     sizes = network.sizes()
     names = list(sizes)
     operands = len(network.operands)

@@ -25,7 +25,8 @@ from typing import List, Sequence
 import torch
 from torch import Tensor
 
-from ..tn.network import TensorNetwork, plan
+from ..tn.network import TensorNetwork
+from .planning import tree_plan
 
 #: Primes are drawn from ``[2^27, 2^28)``: products of two residues stay below
 #: ``2^56``, so int64 sums of up to 127 of them cannot overflow.
@@ -134,21 +135,22 @@ def _pair(a: Tensor, la: str, b: Tensor, lb: str, out: str, p: int) -> Tensor:
 def contract_modular(network: TensorNetwork, p: int) -> Tensor:
     """Contract a network exactly modulo ``p`` (no finalize step applied).
 
-    Follows the engine's planned (opt_einsum) pairwise path for the network's equation; each pair
-    is a batched int64 matmul reduced modulo ``p`` after every ≤127 products.
+    Follows the cached greedy opt_einsum path (:mod:`.planning`); each pair is
+    a batched int64 matmul reduced modulo ``p`` after every ≤127 products.
     """
     equation = network.equation()
     inputs, output = equation.split("->")
     letters = inputs.split(",")
     operands = [to_modular(op, p) for op in network.materialized()]
     shapes = [tuple(op.shape) for op in operands]
-    # the engine's cached plan: planning big networks costs more than contracting
-    path = [step[0] for step in plan(equation, tuple(shapes)).contraction_list]
+    path = [step[0] for step in tree_plan(equation, tuple(shapes)).contraction_list]
     for step in path:
         chosen = [(operands.pop(i), letters.pop(i)) for i in sorted(step, reverse=True)]
         needed = set(output).union(*letters)
         tensor, have = chosen[0]
-        tensor, have = _sum_out(tensor, have, "".join(needed.union(*[ls for _, ls in chosen[1:]])), p)
+        tensor, have = _sum_out(
+            tensor, have, "".join(needed.union(*[ls for _, ls in chosen[1:]])), p
+        )
         for k, (other, other_letters) in enumerate(chosen[1:], start=2):
             later = needed.union(*[ls for _, ls in chosen[k:]])
             keep = "".join(c for c in dict.fromkeys(have + other_letters) if c in later)
@@ -185,7 +187,9 @@ def _panel_pivots(panel: Tensor, p: int):
         order[[r, pivot]] = order[[pivot, r]]
         inverse = pow(int(a[r, col]), -1, p)
         a[r, col:] = (a[r, col:] * inverse).remainder(p)
-        a[r + 1 :, col:] = (a[r + 1 :, col:] - a[r + 1 :, col : col + 1] * a[r, col:]).remainder(p)
+        a[r + 1 :, col:] = (
+            a[r + 1 :, col:] - a[r + 1 :, col : col + 1] * a[r, col:]
+        ).remainder(p)
         rows.append(int(order[r]))
         cols.append(col)
         r += 1
@@ -244,7 +248,11 @@ def independent_rows(matrix: Tensor, p: int, panel: int = PANEL) -> List[int]:
             # rows -= weights · pivots, as rows + (p - weights) · pivots: one
             # product, one addition and one reduction over the trailing matrix
             negated = (p - weights).remainder_(p)
-            active = torch.mm(negated, pivots[:, panel:]).add_(others[:, panel:]).remainder_(p)
+            active = (
+                torch.mm(negated, pivots[:, panel:])
+                .add_(others[:, panel:])
+                .remainder_(p)
+            )
             ids = ids[k:]
         else:
             active = active[:, panel:]

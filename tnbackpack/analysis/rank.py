@@ -28,7 +28,14 @@ from .coefficient import convac_network, feature_axis, template_axis
 from .convac import ConvAC
 from .grid import MAX_ENTRIES, Assemble, check_entries, check_positions, evaluate
 from .mincut import Cut, min_cut, split_at_cut
-from .modular import contract_modular, independent_rows, matmul_mod, random_primes, rank_mod_p
+from .modular import (
+    contract_modular,
+    independent_rows,
+    matmul_mod,
+    random_primes,
+    rank_mod_p,
+)
+from .planning import contract
 
 #: Singular values are only computed for matrices with at most this many entries.
 SVD_ENTRIES = 2**22
@@ -56,6 +63,7 @@ class SeparationRank(int):
     """
 
     def __new__(cls, value: int, **info):
+        """Attach ``info`` (the attributes above) to the rank."""
         rank = super().__new__(cls, value)
         rank.method = info["method"]
         rank.bound = info["bound"]
@@ -69,12 +77,14 @@ class SeparationRank(int):
 
     def __repr__(self) -> str:
         return (
-            f"SeparationRank({int(self)}, method={self.method!r}, bound={self.bound!r}, "
-            f"shape={self.shape}, upper_bound={self.upper_bound})"
+            f"SeparationRank({int(self)}, method={self.method!r}, "
+            f"bound={self.bound!r}, shape={self.shape}, upper_bound={self.upper_bound})"
         )
 
 
-def gap_rank(singular_values: Tensor, shape: Tuple[int, int], gap: float) -> Tuple[int, float]:
+def gap_rank(
+    singular_values: Tensor, shape: Tuple[int, int], gap: float
+) -> Tuple[int, float]:
     """Numerical rank by the largest spectral gap.
 
     Singular values below the floor ``max(shape)·eps·σ₁`` (NumPy's default
@@ -124,16 +134,21 @@ def _side(
     sampled ones share a single axis ``name`` among the side's positions.
     """
     if full:
-        leaves = {i: (templates, (template_axis(i), feature_axis(i))) for i in positions}
+        leaves = {
+            i: (templates, (template_axis(i), feature_axis(i))) for i in positions
+        }
         return leaves, [template_axis(i) for i in positions]
-    leaves = {i: (templates[configs[:, k]], (name, feature_axis(i))) for k, i in enumerate(positions)}
+    leaves = {
+        i: (templates[configs[:, k]], (name, feature_axis(i)))
+        for k, i in enumerate(positions)
+    }
     return leaves, [name]
 
 
 def _exact_rank(
     network, rows: List[str], primes: Sequence[int], max_entries: int
 ) -> Tuple[int, List[int], bool]:
-    """max over primes of the rank of the matricized network modulo the prime.
+    """Max over primes of the rank of the matricized network modulo the prime.
 
     Stops early when a prime reaches the minimum cut: then the rank is certain.
 
@@ -148,14 +163,18 @@ def _exact_rank(
     for p in primes:
         if cut < min(num_rows, num_cols):
             u_net, v_net, _ = split_at_cut(network, rows, cut)
-            check_entries(max(num_rows, num_cols) * int(cut), max_entries, "a factor at the cut")
+            check_entries(
+                max(num_rows, num_cols) * int(cut), max_entries, "a factor at the cut"
+            )
             u = contract_modular(u_net, p).reshape(num_rows, int(cut))
             v = contract_modular(v_net, p).reshape(num_cols, int(cut))
             core = matmul_mod(u[independent_rows(u, p)], v[independent_rows(v, p)].T, p)
             ranks.append(rank_mod_p(core, p))
         else:
             check_entries(num_rows * num_cols, max_entries, "the matricization")
-            ranks.append(rank_mod_p(contract_modular(network, p).reshape(num_rows, num_cols), p))
+            ranks.append(
+                rank_mod_p(contract_modular(network, p).reshape(num_rows, num_cols), p)
+            )
         if ranks[-1] == min(int(cut), num_rows, num_cols):
             # rank_p ≤ rank ≤ cut: certain, more primes cannot add
             return ranks[-1], list(primes[: len(ranks)]), True
@@ -216,7 +235,9 @@ def separation_rank(
             raise ValueError("num_patches is needed for models other than ConvACs")
         num_patches = model.num_patches
     if convac and num_patches != model.num_patches:
-        raise ValueError(f"num_patches={num_patches}, but the ConvAC has {model.num_patches}")
+        raise ValueError(
+            f"num_patches={num_patches}, but the ConvAC has {model.num_patches}"
+        )
     if method == "auto":
         method = "exact" if convac else "svd"
     if method not in ("exact", "svd"):
@@ -248,12 +269,21 @@ def separation_rank(
     upper = None
     if convac:
         templates64 = templates.to(torch.float64)
-        grid_leaves = [(templates64, (template_axis(i), feature_axis(i))) for i in range(num_patches)]
-        grid_net = convac_network(model, grid_leaves, [template_axis(i) for i in range(num_patches)])
+        grid_leaves = [
+            (templates64, (template_axis(i), feature_axis(i)))
+            for i in range(num_patches)
+        ]
+        grid_net = convac_network(
+            model, grid_leaves, [template_axis(i) for i in range(num_patches)]
+        )
         upper = int(min_cut(grid_net, [template_axis(i) for i in rows]))
         leaves = {i: (templates64[t], (feature_axis(i),)) for i, t in fixed.items()}
-        row_leaves, row_axes = _side(free_rows, row_configs, templates64, full_rows, "rows")
-        col_leaves, col_axes = _side(free_cols, col_configs, templates64, full_cols, "cols")
+        row_leaves, row_axes = _side(
+            free_rows, row_configs, templates64, full_rows, "rows"
+        )
+        col_leaves, col_axes = _side(
+            free_cols, col_configs, templates64, full_cols, "cols"
+        )
         leaves.update(row_leaves)
         leaves.update(col_leaves)
         network = convac_network(
@@ -261,15 +291,19 @@ def separation_rank(
         )
 
     def matrix() -> Tensor:
-        check_entries(shape[0] * shape[1], max_entries, f"the {shape[0]}×{shape[1]} matrix")
+        check_entries(
+            shape[0] * shape[1], max_entries, f"the {shape[0]}×{shape[1]} matrix"
+        )
         if convac:
-            return network.contract().reshape(shape)
+            return contract(network).reshape(shape)
         indices = torch.empty(shape[0], shape[1], num_patches, dtype=torch.long)
         for i, t in fixed.items():
             indices[:, :, i] = t
         indices[:, :, free_rows] = row_configs[:, None, :]
         indices[:, :, free_cols] = col_configs[None, :, :]
-        values = evaluate(model, templates, indices.reshape(-1, num_patches), assemble, batch_size)
+        values = evaluate(
+            model, templates, indices.reshape(-1, num_patches), assemble, batch_size
+        )
         return values.reshape(shape)
 
     info = dict(bound=bound, shape=shape, upper_bound=upper)
@@ -280,7 +314,12 @@ def separation_rank(
         if singular_values and shape[0] * shape[1] <= min(SVD_ENTRIES, max_entries):
             svals = torch.linalg.svdvals(matrix())
         return SeparationRank(
-            value, method="exact", primes=used, certain=certain, singular_values=svals, **info
+            value,
+            method="exact",
+            primes=used,
+            certain=certain,
+            singular_values=svals,
+            **info,
         )
     svals = torch.linalg.svdvals(matrix())
     value, ratio = gap_rank(svals, shape, gap)
