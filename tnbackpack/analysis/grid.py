@@ -74,11 +74,10 @@ def evaluate(
     return torch.cat(outputs)
 
 
-def all_indices(num_templates: int, num_patches: int) -> Tensor:
-    """Every template tuple, in row-major order of ``(M,) * N``: ``(M^N, N)``."""
-    digits = torch.arange(num_templates**num_patches)
-    powers = num_templates ** torch.arange(num_patches - 1, -1, -1)
-    return (digits[:, None] // powers) % num_templates
+def template_tuples(numbers: Tensor, num_templates: int, length: int) -> Tensor:
+    """Row-major template tuples ``(K, length)`` of the numbers ``(K,)``."""
+    powers = num_templates ** torch.arange(length - 1, -1, -1)
+    return (numbers[:, None] // powers) % num_templates
 
 
 def check_entries(count: int, max_entries: int, what: str) -> None:
@@ -119,6 +118,8 @@ def grid_tensor(
         max_entries,
         f"the grid ({num_templates}^{num_patches})",
     )
-    indices = all_indices(num_templates, num_patches)
+    indices = template_tuples(
+        torch.arange(num_templates**num_patches), num_templates, num_patches
+    )
     values = evaluate(model, templates, indices, assemble, batch_size)
     return values.reshape((num_templates,) * num_patches)

@@ -26,7 +26,14 @@ from torch import Tensor, nn
 
 from .coefficient import convac_network, feature_axis, template_axis
 from .convac import ConvAC
-from .grid import MAX_ENTRIES, Assemble, check_entries, check_positions, evaluate
+from .grid import (
+    MAX_ENTRIES,
+    Assemble,
+    check_entries,
+    check_positions,
+    evaluate,
+    template_tuples,
+)
 from .mincut import Cut, min_cut, split_at_cut
 from .modular import (
     contract_modular,
@@ -121,8 +128,7 @@ def _configurations(
         chosen = torch.randperm(total, generator=generator)[:samples].sort().values
     else:
         chosen = torch.randint(total, (samples,), generator=generator).unique()
-    powers = num_templates ** torch.arange(count - 1, -1, -1)
-    return (chosen[:, None] // powers) % num_templates
+    return template_tuples(chosen, num_templates, count)
 
 
 def _side(
