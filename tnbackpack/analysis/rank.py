@@ -151,6 +151,34 @@ def _side(
     return leaves, [name]
 
 
+def _submatrix_network(
+    model: ConvAC,
+    templates: Tensor,
+    fixed: Dict[int, int],
+    row_side: Tuple[List[int], Tensor],
+    col_side: Tuple[List[int], Tensor],
+):
+    """The ConvAC's network whose contraction is the (sub)matrix to rank.
+
+    Fixed patches get one template vector; each side gets all its template
+    tuples (one axis per position) or the sampled ones (one shared axis).
+
+    Returns:
+        The network and its row axes.
+    """
+    templates = templates.to(torch.float64)
+    num = templates.shape[0]
+    leaves = {i: (templates[t], (feature_axis(i),)) for i, t in fixed.items()}
+    axes = []
+    for (positions, configs), name in ((row_side, "rows"), (col_side, "cols")):
+        full = configs.shape[0] == num ** len(positions)
+        side_leaves, side_axes = _side(positions, configs, templates, full, name)
+        leaves.update(side_leaves)
+        axes.append(side_axes)
+    order = [leaves[i] for i in range(model.num_patches)]
+    return convac_network(model, order, axes[0] + axes[1]), axes[0]
+
+
 def _exact_rank(
     network, rows: List[str], primes: Sequence[int], max_entries: int
 ) -> Tuple[int, List[int], bool]:
@@ -272,28 +300,11 @@ def separation_rank(
     bound = "exact" if not fixed and full_rows and full_cols else "lower"
     shape = (row_configs.shape[0], col_configs.shape[0])
 
-    upper = None
+    upper = network = row_axes = None
     if convac:
-        templates64 = templates.to(torch.float64)
-        grid_leaves = [
-            (templates64, (template_axis(i), feature_axis(i)))
-            for i in range(num_patches)
-        ]
-        grid_net = convac_network(
-            model, grid_leaves, [template_axis(i) for i in range(num_patches)]
-        )
-        upper = int(min_cut(grid_net, [template_axis(i) for i in rows]))
-        leaves = {i: (templates64[t], (feature_axis(i),)) for i, t in fixed.items()}
-        row_leaves, row_axes = _side(
-            free_rows, row_configs, templates64, full_rows, "rows"
-        )
-        col_leaves, col_axes = _side(
-            free_cols, col_configs, templates64, full_cols, "cols"
-        )
-        leaves.update(row_leaves)
-        leaves.update(col_leaves)
-        network = convac_network(
-            model, [leaves[i] for i in range(num_patches)], row_axes + col_axes
+        upper = int(mincut_bound(model, rows, num_templates))
+        network, row_axes = _submatrix_network(
+            model, templates, fixed, (free_rows, row_configs), (free_cols, col_configs)
         )
 
     def matrix() -> Tensor:
@@ -333,7 +344,9 @@ def separation_rank(
 
 
 def mincut_bound(
-    model: ConvAC, partition: Sequence[int], num_templates: Optional[int] = None
+    model: ConvAC,
+    partition: Sequence[int],
+    num_templates: Optional[int] = None,
 ) -> Cut:
     """Minimum cut of a ConvAC's network for the partition ``(I, J)``.
 
@@ -347,7 +360,7 @@ def mincut_bound(
     if num_templates is None:
         network = convac_network(model, [None] * n, [feature_axis(i) for i in range(n)])
         return min_cut(network, [feature_axis(i) for i in rows])
-    placeholder = torch.zeros(num_templates, model.in_features, dtype=torch.float64)
-    leaves = [(placeholder, (template_axis(i), feature_axis(i))) for i in range(n)]
+    templates = torch.zeros(num_templates, model.in_features)  # only sizes matter
+    leaves = [(templates, (template_axis(i), feature_axis(i))) for i in range(n)]
     network = convac_network(model, leaves, [template_axis(i) for i in range(n)])
     return min_cut(network, [template_axis(i) for i in rows])
