@@ -40,6 +40,10 @@ class Cut(int):
         cut.axes, cut.row_side = axes, row_side
         return cut
 
+    def __str__(self) -> str:
+        """The number alone (``print(rank)`` prints ``16``)."""
+        return str(int(self))
+
     def __repr__(self) -> str:
         return f"Cut({int(self)}, axes={self.axes})"
 

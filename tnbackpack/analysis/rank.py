@@ -82,6 +82,10 @@ class SeparationRank(int):
         rank.certain = info.get("certain")
         return rank
 
+    def __str__(self) -> str:
+        """The number alone (``print(rank)`` prints ``16``)."""
+        return str(int(self))
+
     def __repr__(self) -> str:
         return (
             f"SeparationRank({int(self)}, method={self.method!r}, "
