@@ -17,6 +17,7 @@ and a plot of log₂-rank per partition.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -320,37 +321,54 @@ def _svd_summary(convacs: List[dict]) -> List[str]:
     return lines
 
 
+def _bars(ax, series, names, title) -> None:
+    """Grouped bars of log₂ rank, one group per partition."""
+    width = 0.8 / len(series)
+    for k, (label, cells) in enumerate(series):
+        heights = [math.log2(cells[p]["rank"]) for p in names]
+        ax.bar([i + k * width for i in range(len(names))], heights, width, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
+
+
 def plot(convacs: List[dict], relus: List[dict], path: Path) -> None:
-    """Bars of log₂ rank per partition (largest N, M = 2, width 4, 1-d pooling)."""
+    """log₂ rank per partition: 1-d models (M = 2) and, for N = 16, 2-d pooling."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = max(r["n"] for r in convacs)
-    names = list(partitions(n))
-    series = []
-    for row in convacs:
-        if (
-            row["n"] == n
-            and row["m"] == 2
-            and row["width"] == 4
-            and not row["shared"]
-            and row["pooling"] != "2-d blocks"
-        ):
-            series.append((f"ConvAC {row['kind']} {row['pooling']}", row["cells"]))
-    for row in relus:
-        if row["n"] == n and row["m"] == 2 and row["width"] == 4:
-            series.append((f"ReLU CNN, {row['pooling']} pooling", row["cells"]))
-    fig, ax = plt.subplots(figsize=(10, 4.2))
-    width = 0.8 / len(series)
-    for k, (label, cells) in enumerate(series):
-        heights = [torch.tensor(float(cells[p]["rank"])).log2().item() for p in names]
-        ax.bar([i + k * width for i in range(len(names))], heights, width, label=label)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=15)
-    ax.set_ylabel("log₂ rank of the matricized grid tensor")
-    ax.set_title(f"Separation rank per partition (N = {n}, M = 2 templates, width 4)")
-    ax.legend(fontsize=8, ncol=2)
+    one_d = [
+        (f"ConvAC {row['kind']} {row['pooling']}", row["cells"])
+        for row in convacs
+        if (row["n"], row["m"], row["width"], row["shared"]) == (n, 2, 4, False)
+        and row["pooling"] != "2-d blocks"
+    ]
+    one_d += [
+        (f"ReLU CNN, {row['pooling']} pooling", row["cells"])
+        for row in relus
+        if (row["n"], row["m"], row["width"]) == (n, 2, 4)
+    ]
+    two_d = [
+        (f"M = {row['m']}, {'shared' if row['shared'] else 'unshared'}", row["cells"])
+        for row in convacs
+        if row["pooling"] == "2-d blocks" and row["width"] == 4
+    ]
+    panels = 2 if two_d else 1
+    fig, axes = plt.subplots(
+        1,
+        panels,
+        figsize=(6 * panels, 5),
+        squeeze=False,
+        width_ratios=[3, 2][:panels],
+    )
+    _bars(axes[0][0], one_d, list(partitions(n)), f"N = {n}, M = 2, width 4")
+    axes[0][0].set_ylabel("log₂ rank of the matricized grid tensor")
+    if two_d:
+        names = list(partitions(16, "2-d blocks"))
+        _bars(axes[0][1], two_d, names, "4×4 grid, 2×2 block pooling, width 4")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
