@@ -246,3 +246,13 @@ def test_errors():
         separation_rank(model, torch.eye(2), (0, 2), max_entries=10)
     with pytest.raises(ValueError, match="method must be"):
         separation_rank(model, torch.eye(2), (0,), method="qr")
+
+
+def test_shared_2d_checkerboard_is_three_per_pair():
+    """2×2 blocks, shared weights, M = 2, width 4: a checkerboard splits each block
+    into two diagonal pairs, whose functions (Wx)_c (Wy)_c are symmetric: 3
+    dimensions per pair, so rank 3^4 = 81, where the min-cut is min(4, M²)^4 = 256."""
+    shared = build("blocks", 4, 2, shared=True)
+    assert mincut_bound(shared, checkerboard(4, 4), num_templates=2) == 256
+    assert separation_rank(shared, torch.eye(2), checkerboard(4, 4)) == 81
+    assert separation_rank(build("blocks", 4, 2), torch.eye(2), checkerboard(4, 4)) == 256
