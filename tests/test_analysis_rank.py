@@ -255,4 +255,6 @@ def test_shared_2d_checkerboard_is_three_per_pair():
     shared = build("blocks", 4, 2, shared=True)
     assert mincut_bound(shared, checkerboard(4, 4), num_templates=2) == 256
     assert separation_rank(shared, torch.eye(2), checkerboard(4, 4)) == 81
-    assert separation_rank(build("blocks", 4, 2), torch.eye(2), checkerboard(4, 4)) == 256
+    assert (
+        separation_rank(build("blocks", 4, 2), torch.eye(2), checkerboard(4, 4)) == 256
+    )
