@@ -12,8 +12,8 @@ Why it is exact: clearing the power-of-two denominators (units modulo an odd
 minor of size ``> r`` is zero, so ``rank_p ≤ r``; and ``rank_p = r`` unless
 ``p`` divides *every* nonzero ``r×r`` minor of ``Z``. A nonzero minor ``D``
 has at most ``log₂|D| / 27`` prime factors ``≥ 2^27``, so for a prime drawn
-uniformly from the ≈ 7·10⁶ primes in ``[2^27, 2^28)`` the chance of a drop is at
-most ``log₂|D| / (27 · 7·10⁶)``, and for several independent primes (the rank
+uniformly from the ≈ 6.6·10⁶ primes in ``[2^27, 2^28)`` the chance of a drop is at
+most ``log₂|D| / (27 · 6.6·10⁶)``, and for several independent primes (the rank
 is their maximum) the product of such chances.
 """
 
