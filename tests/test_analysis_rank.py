@@ -258,3 +258,38 @@ def test_shared_2d_checkerboard_is_three_per_pair():
     assert (
         separation_rank(build("blocks", 4, 2), torch.eye(2), checkerboard(4, 4)) == 256
     )
+
+
+class SignalCNN(nn.Module):
+    """A Conv1d over a signal of 4 patches of length 2 (kernel 2, stride 2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 3, kernel_size=2, stride=2)
+        self.head = nn.Linear(3 * 4, 1)
+
+    def forward(self, signal):
+        return self.head(torch.tanh(self.conv(signal)).flatten(1)).squeeze(1)
+
+
+def test_assemble_and_samples_for_other_models():
+    torch.manual_seed(0)
+    model = SignalCNN()
+    templates = torch.randn(3, 2, generator=generator(9), dtype=DTYPE)
+
+    def assemble(patches):  # (B, N, 2) -> (B, 1, 2N)
+        return patches.reshape(patches.shape[0], 1, -1)
+
+    grid = grid_tensor(model, templates, 4, assemble=assemble, batch_size=7)
+    d = (2, 0, 1, 1)
+    signal = templates[list(d)].reshape(1, 1, 8)
+    with torch.no_grad():
+        expected = model.double()(signal)[0]
+    torch.testing.assert_close(grid[d], expected, rtol=1e-12, atol=1e-12)
+    model.float()
+    full = separation_rank(model, templates, (0, 1), 4, assemble=assemble)
+    assert full == torch.linalg.matrix_rank(matricize(grid, (0, 1))).item()
+    sampled = separation_rank(
+        model, templates, (0, 1), 4, assemble=assemble, samples=4, generator=generator()
+    )
+    assert sampled.bound == "lower" and sampled.shape == (4, 4) and sampled <= full
