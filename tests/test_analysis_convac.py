@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -179,3 +181,19 @@ def test_bad_inputs_raise():
         grid_tensor(model, torch.eye(2), 8, max_entries=100)
     with pytest.raises(ValueError, match="templates must be"):
         coefficient_network(model, torch.eye(3))
+
+
+def test_layering():
+    """The analysis package uses the engine, not BackPACK; the engine does not
+    import the analysis package."""
+    code = (
+        "import sys, tnbackpack.tn;"
+        "engine = any(m.startswith('tnbackpack.analysis') for m in sys.modules);"
+        "import tnbackpack.analysis;"
+        "bp = any(m == 'backpack' or m.startswith('backpack.') for m in sys.modules);"
+        "print(engine, bp)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False False"
