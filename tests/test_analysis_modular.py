@@ -18,6 +18,7 @@ from tnbackpack.analysis.modular import (
     rank_mod_p,
     to_modular,
 )
+from tnbackpack.analysis.pointwise import forward_modular
 
 PRIMES = random_primes(2, seed=7)
 
@@ -135,3 +136,17 @@ def test_blocked_elimination_on_panels():
     for p in PRIMES:
         assert rank_mod_p(to_modular(a, p), p) == 37
         assert rank_mod_p(to_modular(a.T, p), p) == 37
+
+
+def test_forward_modulo_p_equals_exact_rationals():
+    """The pointwise route (sampled rows and columns) against Fractions."""
+    g = torch.Generator().manual_seed(3)
+    for shared in (False, True):
+        model = deep_convac(8, 2, [3, 2, 2], shared=shared, generator=g)
+        points = list(
+            itertools.islice(itertools.product(range(2), repeat=8), 0, 256, 11)
+        )
+        patches = torch.eye(2, dtype=torch.float64)[torch.tensor(points)]
+        for p in PRIMES:
+            got = forward_modular(model, patches, p).tolist()
+            assert got == [residue(exact_convac(model, d), p) for d in points]

@@ -293,3 +293,28 @@ def test_assemble_and_samples_for_other_models():
         model, templates, (0, 1), 4, assemble=assemble, samples=4, generator=generator()
     )
     assert sampled.bound == "lower" and sampled.shape == (4, 4) and sampled <= full
+
+
+def test_sampled_exact_matches_sampled_svd_and_large_n():
+    """Same samples (same generator seed) by the exact pointwise route and by
+    float SVD on a well-conditioned case; then N = 32, where the grid has 2^32
+    entries: 64 sampled rows and columns of odd/even reach full rank 64."""
+    model = deep_convac(8, 2, [2, 2, 2], generator=generator(10))
+    exact = separation_rank(
+        model, torch.eye(2), odd_even(8), samples=6, generator=generator(1)
+    )
+    numerical = separation_rank(
+        model,
+        torch.eye(2),
+        odd_even(8),
+        samples=6,
+        generator=generator(1),
+        method="svd",
+    )
+    assert exact.shape == numerical.shape == (6, 6) and exact == numerical
+    big = deep_convac(32, 2, [2] * 5, generator=generator(11))
+    sampled = separation_rank(
+        big, torch.eye(2), odd_even(32), samples=64, generator=generator()
+    )
+    assert sampled == 64 and sampled.bound == "lower" and sampled.certain
+    assert sampled.upper_bound == 2**16

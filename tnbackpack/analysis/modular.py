@@ -20,13 +20,13 @@ is their maximum) the product of such chances.
 from __future__ import annotations
 
 import random
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ..tn.network import TensorNetwork
-from .planning import tree_plan
+from .planning import tree_path
 
 #: Primes are drawn from ``[2^27, 2^28)``: products of two residues stay below
 #: ``2^56``, so int64 sums of up to 127 of them cannot overflow.
@@ -102,7 +102,7 @@ def _sum_out(t: Tensor, letters: str, keep: str, p: int):
     return t, letters
 
 
-def _pair(a: Tensor, la: str, b: Tensor, lb: str, out: str, p: int) -> Tensor:
+def pair_mod(a: Tensor, la: str, b: Tensor, lb: str, out: str, p: int) -> Tensor:
     """``einsum(la,lb->out)`` modulo ``p`` with overflow-free int64 batched matmuls."""
     a, la = _sum_out(a, la, lb + out, p)
     b, lb = _sum_out(b, lb, la + out, p)
@@ -132,7 +132,9 @@ def _pair(a: Tensor, la: str, b: Tensor, lb: str, out: str, p: int) -> Tensor:
     return result.permute([order.index(c) for c in out])
 
 
-def contract_modular(network: TensorNetwork, p: int) -> Tensor:
+def contract_modular(
+    network: TensorNetwork, p: int, max_entries: Optional[int] = None
+) -> Tensor:
     """Contract a network exactly modulo ``p`` (no finalize step applied).
 
     Follows the cached greedy opt_einsum path (:mod:`.planning`); each pair is
@@ -142,8 +144,7 @@ def contract_modular(network: TensorNetwork, p: int) -> Tensor:
     inputs, output = equation.split("->")
     letters = inputs.split(",")
     operands = [to_modular(op, p) for op in network.materialized()]
-    shapes = [tuple(op.shape) for op in operands]
-    path = [step[0] for step in tree_plan(equation, tuple(shapes)).contraction_list]
+    path = tree_path(network, max_entries)
     for step in path:
         chosen = [(operands.pop(i), letters.pop(i)) for i in sorted(step, reverse=True)]
         needed = set(output).union(*letters)
@@ -154,7 +155,7 @@ def contract_modular(network: TensorNetwork, p: int) -> Tensor:
         for k, (other, other_letters) in enumerate(chosen[1:], start=2):
             later = needed.union(*[ls for _, ls in chosen[k:]])
             keep = "".join(c for c in dict.fromkeys(have + other_letters) if c in later)
-            tensor = _pair(tensor, have, other, other_letters, keep, p)
+            tensor = pair_mod(tensor, have, other, other_letters, keep, p)
             have = keep
         operands.append(tensor)
         letters.append(have)
@@ -165,7 +166,7 @@ def contract_modular(network: TensorNetwork, p: int) -> Tensor:
 
 def matmul_mod(a: Tensor, b: Tensor, p: int) -> Tensor:
     """``a @ b`` modulo ``p`` for int64 residue matrices (overflow-free)."""
-    return _pair(a, "ik", b, "kj", "ij", p)
+    return pair_mod(a, "ik", b, "kj", "ij", p)
 
 
 def _panel_pivots(panel: Tensor, p: int):

@@ -1,4 +1,4 @@
-"""Contraction plans for the analysis networks.
+"""Contraction paths for the analysis networks.
 
 The engine plans with opt_einsum's ``auto-hq``, which runs 128 random-greedy
 trials for networks of more than 16 operands: about 1 s for an ``N = 16``
@@ -11,7 +11,7 @@ ConvACs with contiguous, mirror and block pooling) in milliseconds.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import opt_einsum
 from torch import Tensor
@@ -20,15 +20,39 @@ from ..tn.network import TensorNetwork
 
 
 @lru_cache(maxsize=1024)
-def tree_plan(equation: str, shapes: Tuple[Tuple[int, ...], ...]):
-    """A greedy opt_einsum plan, cached per (equation, shapes)."""
-    return opt_einsum.contract_expression(equation, *shapes, optimize="greedy")
+def _greedy_path(
+    equation: str, shapes: Tuple[Tuple[int, ...], ...]
+) -> Tuple[List[Tuple[int, ...]], int]:
+    path, info = opt_einsum.contract_path(
+        equation, *shapes, shapes=True, optimize="greedy"
+    )
+    return path, int(info.largest_intermediate)
 
 
-def contract(network: TensorNetwork) -> Tensor:
-    """Contract an analysis network (float) with its cached greedy plan."""
+def tree_path(
+    network: TensorNetwork, max_entries: Optional[int] = None
+) -> List[Tuple[int, ...]]:
+    """A greedy pairwise path for the network, cached per (equation, shapes).
+
+    Raises:
+        ValueError: If an intermediate tensor would exceed ``max_entries``.
+    """
     shapes = tuple(tuple(op.shape) for op in network.operands)
-    result = tree_plan(network.equation(), shapes)(
-        *network.materialized(), backend="torch"
+    path, largest = _greedy_path(network.equation(), shapes)
+    if max_entries is not None and largest > max_entries:
+        raise ValueError(
+            f"contracting this network needs an intermediate of {largest} entries, "
+            f"above max_entries={max_entries}; fix some patches or sample fewer "
+            "rows and columns"
+        )
+    return path
+
+
+def contract(network: TensorNetwork, max_entries: Optional[int] = None) -> Tensor:
+    """Contract an analysis network (float) along its cached greedy path."""
+    path = tree_path(network, max_entries)
+    operands = network.materialized()
+    result = opt_einsum.contract(
+        network.equation(), *operands, optimize=path, backend="torch"
     )
     return result if network.finalize is None else network.finalize(result)

@@ -43,6 +43,7 @@ from .modular import (
     rank_mod_p,
 )
 from .planning import contract
+from .pointwise import forward_modular
 
 #: Singular values are only computed for matrices with at most this many entries.
 SVD_ENTRIES = 2**22
@@ -204,14 +205,19 @@ def _exact_rank(
             check_entries(
                 max(num_rows, num_cols) * int(cut), max_entries, "a factor at the cut"
             )
-            u = contract_modular(u_net, p).reshape(num_rows, int(cut))
-            v = contract_modular(v_net, p).reshape(num_cols, int(cut))
+            u = contract_modular(u_net, p, max_entries).reshape(num_rows, int(cut))
+            v = contract_modular(v_net, p, max_entries).reshape(num_cols, int(cut))
             core = matmul_mod(u[independent_rows(u, p)], v[independent_rows(v, p)].T, p)
             ranks.append(rank_mod_p(core, p))
         else:
             check_entries(num_rows * num_cols, max_entries, "the matricization")
             ranks.append(
-                rank_mod_p(contract_modular(network, p).reshape(num_rows, num_cols), p)
+                rank_mod_p(
+                    contract_modular(network, p, max_entries).reshape(
+                        num_rows, num_cols
+                    ),
+                    p,
+                )
             )
         if ranks[-1] == min(int(cut), num_rows, num_cols):
             # rank_p ≤ rank ≤ cut: certain, more primes cannot add
@@ -304,33 +310,50 @@ def separation_rank(
     bound = "exact" if not fixed and full_rows and full_cols else "lower"
     shape = (row_configs.shape[0], col_configs.shape[0])
 
+    sampled = not (full_rows and full_cols)
     upper = network = row_axes = None
     if convac:
         upper = int(mincut_bound(model, rows, num_templates))
-        network, row_axes = _submatrix_network(
-            model, templates, fixed, (free_rows, row_configs), (free_cols, col_configs)
-        )
+        if not sampled:  # the network factors through its cuts
+            network, row_axes = _submatrix_network(
+                model,
+                templates,
+                fixed,
+                (free_rows, row_configs),
+                (free_cols, col_configs),
+            )
 
-    def matrix() -> Tensor:
+    def indices() -> Tensor:
+        """Template indices ``(R·C, N)`` of the matrix entries, row-major."""
         check_entries(
             shape[0] * shape[1], max_entries, f"the {shape[0]}×{shape[1]} matrix"
         )
-        if convac:
-            return contract(network).reshape(shape)
-        indices = torch.empty(shape[0], shape[1], num_patches, dtype=torch.long)
+        index = torch.empty(shape[0], shape[1], num_patches, dtype=torch.long)
         for i, t in fixed.items():
-            indices[:, :, i] = t
-        indices[:, :, free_rows] = row_configs[:, None, :]
-        indices[:, :, free_cols] = col_configs[None, :, :]
-        values = evaluate(
-            model, templates, indices.reshape(-1, num_patches), assemble, batch_size
-        )
+            index[:, :, i] = t
+        index[:, :, free_rows] = row_configs[:, None, :]
+        index[:, :, free_cols] = col_configs[None, :, :]
+        return index.reshape(-1, num_patches)
+
+    def matrix() -> Tensor:
+        if network is not None:
+            check_entries(
+                shape[0] * shape[1], max_entries, f"the {shape[0]}×{shape[1]} matrix"
+            )
+            return contract(network, max_entries).reshape(shape)
+        values = evaluate(model, templates, indices(), assemble, batch_size)
         return values.reshape(shape)
 
     info = dict(bound=bound, shape=shape, upper_bound=upper)
     if method == "exact":
         chosen = random_primes(primes, seed)
-        value, used, certain = _exact_rank(network, row_axes, chosen, max_entries)
+        if network is not None:
+            value, used, certain = _exact_rank(network, row_axes, chosen, max_entries)
+        else:
+            points = templates[indices()]
+            value, used, certain = _exact_pointwise_rank(
+                model, points, shape, chosen, min(upper, *shape), batch_size
+            )
         svals = None
         if singular_values and shape[0] * shape[1] <= min(SVD_ENTRIES, max_entries):
             svals = torch.linalg.svdvals(matrix())
@@ -345,6 +368,29 @@ def separation_rank(
     svals = torch.linalg.svdvals(matrix())
     value, ratio = gap_rank(svals, shape, gap)
     return SeparationRank(value, method="svd", singular_values=svals, gap=ratio, **info)
+
+
+def _exact_pointwise_rank(
+    model: ConvAC,
+    points: Tensor,
+    shape: Tuple[int, int],
+    primes: Sequence[int],
+    ceiling: int,
+    batch_size: int,
+) -> Tuple[int, List[int], bool]:
+    """Rank of sampled entries, evaluated by the exact forward pass modulo primes.
+
+    Stops early when a prime reaches ``ceiling`` (an upper bound on the rank).
+    """
+    ranks = []
+    for p in primes:
+        values = torch.cat(
+            [forward_modular(model, batch, p) for batch in points.split(batch_size)]
+        )
+        ranks.append(rank_mod_p(values.reshape(shape), p))
+        if ranks[-1] == ceiling:
+            return ranks[-1], list(primes[: len(ranks)]), True
+    return max(ranks), list(primes), False
 
 
 def mincut_bound(
