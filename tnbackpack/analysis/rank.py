@@ -257,7 +257,8 @@ def separation_rank(
             (removed from both sides). The result is a lower bound.
         samples: Sample this many row and column configurations uniformly
             without replacement (per side; all if there are fewer). The
-            result is a lower bound.
+            result is a lower bound. For ConvACs the sampled entries are
+            computed by the forward pass modulo each prime.
         generator: Random generator for the samples.
         primes: Number of random primes for ``"exact"``.
         seed: Seed of the primes.
@@ -265,7 +266,8 @@ def separation_rank(
         assemble: Turns ``(B, N, *template_shape)`` into the model's input
             (other models only).
         batch_size: Forward passes per batch (other models).
-        max_entries: Cap on the entries of any matrix or grid built.
+        max_entries: Cap on the entries of any matrix, grid or contraction
+            intermediate built.
         singular_values: Whether to attach float64 singular values (for
             matrices with at most ``2^22`` entries).
 
