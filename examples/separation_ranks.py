@@ -10,7 +10,7 @@ rank by the spectral-gap rule), next to the bound of a ConvAC of the same
 shape, to show where the ConvAC bounds stop holding. Writes a markdown page
 and a plot of log₂-rank per partition.
 
-    python examples/separation_ranks.py            # the full tables (~25 min)
+    python examples/separation_ranks.py            # the full tables (~8 min)
     python examples/separation_ranks.py --quick    # N = 8, M = 2 only, seconds
 """
 
