@@ -89,9 +89,7 @@ def no_errors(results: list) -> None:
             assert "error" not in entry, f"rank {rank}: {entry.get('traceback')}"
 
 
-def full_batch_factors(
-    approx: str, network: str = "cnn"
-) -> Dict[str, List[Tensor]]:
+def full_batch_factors(approx: str, network: str = "cnn") -> Dict[str, List[Tensor]]:
     """KFLR factors of the whole first batch, stacked ``[G, d, d]``."""
     model = extend(MODELS[network]())
     X, y = batch(0)
