@@ -168,6 +168,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--vectors", default="1,10", help="vector counts (1,10)")
     parser.add_argument("--only", choices=("grid", "cases"), help="one part only")
     parser.add_argument(
+        "--policy",
+        choices=("measure", "model"),
+        default="measure",
+        help="tnbackpack.tn.autotune.POLICY for the auto route (measure)",
+    )
+    parser.add_argument(
         "--windows-only",
         action="store_true",
         help="cases: only the layers whose auto route is measured (strided windows)",
@@ -177,6 +183,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    autotune.POLICY = args.policy
     vector_counts = [int(v) for v in args.vectors.split(",")]
     parts = {"grid": grid_layers, "cases": case_layers}
     rows = []
