@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from tnbackpack import backpack, extend
 from tnbackpack.extensions import KFAC, KFLR, BatchGrad
+from tnbackpack.nn import FactorizedConv2d
 from tnbackpack.optim import KFACPreconditioner
 
 BATCH = 12  # divisible by 2 and 3
@@ -46,6 +47,28 @@ def cnn() -> nn.Sequential:
         nn.Flatten(),
         nn.Linear(4 * 12 * 12, CLASSES),
     ).double()
+
+
+def factorized_cnn() -> nn.Sequential:
+    """float64 CNN of :func:`cnn`'s shapes with factorized middle layers.
+
+    A grouped CP layer (its stages with their own groups: depthwise over
+    ``G·R`` channels) and a Tucker-2 layer beside an ordinary convolution.
+    """
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        FactorizedConv2d(4, 6, 3, 2, "cp", groups=2),
+        nn.ReLU(),
+        FactorizedConv2d(6, 4, 3, (2, 3), "tucker", padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, CLASSES),
+    ).double()
+
+
+MODELS = {"cnn": cnn, "factorized": factorized_cnn}
 
 
 def batch(step: int, dtype: torch.dtype = torch.float64) -> Tuple[Tensor, Tensor]:
@@ -81,6 +104,7 @@ def kfac_training(
     skip_extension: Tuple[int, ...] = (),
     seed_per_rank: bool = False,
     extra_pass: bool = False,
+    network: str = "cnn",
     **options: Any,
 ) -> Result:
     """SGD preconditioned by K-FAC; parameters after every step, first factors.
@@ -94,9 +118,10 @@ def kfac_training(
         seed_per_rank: Seed torch's generator (MC samples) by rank.
         extra_pass: Before each step's backward pass, one more on other
             data (its factors are replaced, as in one process).
+        network: Key of :data:`MODELS`.
         options: Keyword arguments of the preconditioner.
     """
-    model = extend(cnn())
+    model = extend(MODELS[network]())
     wrapped = wrap(model)
     loss_function = extend(nn.CrossEntropyLoss())
     preconditioner = KFACPreconditioner(

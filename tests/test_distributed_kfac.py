@@ -15,7 +15,7 @@ from typing import Dict, List
 
 import pytest
 import torch
-from distributed_cases import batch, cnn, run, spawn
+from distributed_cases import MODELS, batch, cnn, run, spawn
 from test_examples import load
 from test_optim import DAMPING, dense_reference
 from torch import Tensor, nn
@@ -55,6 +55,8 @@ PLAN = [
     ("private", dict(dtype="float32")),
     # two backward passes per step: the second one's factors count
     ("kfac", dict(TRAINING, steps=2, extra_pass=True, bucket_cap_mb=0.05)),
+    # factorized layers (CP with groups, Tucker-2) beside ordinary ones
+    ("kfac", dict(TRAINING, network="factorized", bucket_cap_mb=0.05)),
 ]
 
 
@@ -87,9 +89,9 @@ def no_errors(results: list) -> None:
             assert "error" not in entry, f"rank {rank}: {entry.get('traceback')}"
 
 
-def full_batch_factors(approx: str) -> Dict[str, List[Tensor]]:
+def full_batch_factors(approx: str, network: str = "cnn") -> Dict[str, List[Tensor]]:
     """KFLR factors of the whole first batch, stacked ``[G, d, d]``."""
-    model = extend(cnn())
+    model = extend(MODELS[network]())
     X, y = batch(0)
     with backpack(KFLR(kfac_approx=approx)):
         extend(nn.CrossEntropyLoss())(model(X), y).backward()
@@ -121,6 +123,28 @@ def test_second_backward_pass_replaces_factors(two, reference):
         for step, params in enumerate(rank_results[6]["params"]):
             close(params, reference[6]["params"][step])
     identical_across_ranks(two, 6, "params")
+
+
+def test_factorized_layers_two_processes_equal_one(two, reference):
+    """Each factor of a CP / Tucker-2 layer is averaged as its stage's weight.
+
+    The averaged factors equal the whole batch's, the preconditioned update
+    and the trajectory those of one process; buckets leave from backward.
+    """
+    no_errors(two)
+    expected = reference[7]
+    factors = full_batch_factors("reduce", "factorized")
+    assert any(f[0].shape[0] > 1 for f in factors.values())  # stage groups
+    for rank_results in two:
+        result = rank_results[7]
+        assert result["factors"].keys() == factors.keys()
+        for name, averaged in result["factors"].items():
+            close(averaged, factors[name])
+        close(result["update"], expected["update"])
+        for step, params in enumerate(result["params"]):
+            close(params, expected["params"][step])
+        assert result["launched_in_backward"] == result["buckets"] > 1
+    identical_across_ranks(two, 7, "params")
 
 
 def test_factors_sent_during_backward(two):

@@ -11,13 +11,16 @@ dilation, ``output_padding`` and transposed layers called with
 
 The input VJP uses the engine's routes
 (:func:`~tnbackpack.tn.functional.input_vjp`): PyTorch's kernels for
-overlapping kernels and transposed layers, the tensor network where the index
-patterns are strided windows (1×1, patchify, down-sampling shortcuts). Measured
-CPU seconds (one thread, V=10 vectors, N=32, 32→64 channels, 32×32 inputs;
+overlapping kernels and transposed layers; where the index patterns are
+strided windows (1×1, patchify, down-sampling shortcuts) the faster of the
+tensor network and the kernel, timed once per layer shape (with
+:data:`tnbackpack.tn.autotune.POLICY` ``"model"``: the network, except for 1×1
+stride-1 layers that widen their channels). Measured CPU seconds (one thread,
+V=10 vectors, N=32, 32→64 channels, 32×32 inputs;
 ``examples/bench_second_order.py --routes``), torch vs tn: 3×3 stride 1 0.32
 vs 1.25; 3×3 stride 2 0.18 vs 0.52; 1×1 stride 2 0.17 vs 0.06; transposed 2×2
-stride 2 0.13 vs 0.19. A fixed rule rather than a timing at run time keeps
-results reproducible.
+stride 2 0.13 vs 0.19. For 1×1 stride-1 layers see
+``python -m tnbackpack.benchmark.input_vjp``.
 """
 
 from __future__ import annotations

@@ -64,15 +64,67 @@ def forward(
 
 
 def input_vjp_route(spec: ConvSpec) -> str:
-    """``tn`` for a convolution whose patterns are all strided windows, else ``torch``.
+    """The cost model's input-VJP route: ``tn`` or ``torch``, from the spec alone.
 
-    See :func:`input_vjp`; layers with more than three spatial dimensions
-    always take ``tn`` (PyTorch has no kernels for them).
+    ``tn`` for a convolution whose patterns are all strided windows (then the
+    network is a reshape and a product), except a 1×1 stride-1 layer that
+    widens its channels (``C_in < C_out``); ``torch`` elsewhere. Layers with
+    more than three spatial dimensions always take ``tn`` (PyTorch has no
+    kernels for them). See :func:`input_vjp` for the measurements.
     """
-    all_windows = all(expressions.windows(spec, d) for d in range(spec.ndim))
-    if (not spec.transposed and all_windows) or not torch_routes.supports(spec):
+    if not torch_routes.supports(spec):
         return "tn"
-    return "torch"
+    all_windows = all(expressions.windows(spec, d) for d in range(spec.ndim))
+    if spec.transposed or not all_windows:
+        return "torch"
+    return "torch" if _widening_1x1(spec) else "tn"
+
+
+def _widening_1x1(spec: ConvSpec) -> bool:
+    """A 1×1 stride-1 convolution with more output than input channels.
+
+    Its input VJP narrows the channels; the network's product then reads the
+    larger tensor in a permuted copy, while PyTorch's kernel streams it in
+    chunks (measured 2-2.8x faster with 10 vectors; see :func:`input_vjp`).
+    """
+    pointwise = all(k == 1 for k in spec.kernel_size) and all(
+        s == 1 for s in spec.stride
+    )
+    return pointwise and spec.in_channels < spec.out_channels
+
+
+def input_vjp_measured(spec: ConvSpec) -> bool:
+    """Whether ``auto`` times both routes (with :data:`.autotune.POLICY` ``"measure"``).
+
+    Convolutions whose patterns are all strided windows, where neither route
+    is hopeless (both stream their operands once) and which one wins depends
+    on channels, groups and the number of rows (see :func:`input_vjp`).
+    Overlapping kernels and transposed layers keep PyTorch's kernel: the
+    network is up to 5x slower there, too slow for even one timed run.
+    """
+    if spec.transposed or not torch_routes.supports(spec):
+        return False
+    return all(expressions.windows(spec, d) for d in range(spec.ndim))
+
+
+def input_vjp_key(
+    spec: ConvSpec,
+    grad_output: Tensor,
+    input_size: Sequence[int],
+    vectors: bool,
+    simplified: bool = True,
+) -> tuple:
+    """The :mod:`.autotune` key of an ``auto`` input VJP (for inspection)."""
+    return (
+        "input_vjp",
+        spec,
+        tuple(grad_output.shape),
+        tuple(input_size),
+        vectors,
+        simplified,
+        grad_output.dtype,
+        grad_output.device,
+    )
 
 
 def input_vjp(
@@ -87,15 +139,40 @@ def input_vjp(
     """VJP w.r.t. the input, ``[(V,) N, C_in, *I]``.
 
     Routes: ``tn`` contracts the network; ``torch`` uses PyTorch's kernels
-    (1 to 3 spatial dimensions, :mod:`.torch_routes`); ``auto`` takes ``tn``
+    (1 to 3 spatial dimensions, :mod:`.torch_routes`); ``auto`` takes
+    :func:`input_vjp_route`'s choice and, with :data:`.autotune.POLICY`
+    ``"measure"``, times both routes once per (spec, shapes, dtype, device)
     where the strided-window rewrite removes every pattern of a convolution
-    (then it is a reshape and a product, measured 2.8x faster than PyTorch's
-    kernel for a 1x1 stride-2 layer) and ``torch`` elsewhere (measured 4x
-    faster for a 3x3 stride-1 layer).
+    (:func:`input_vjp_measured`), keeping the faster one.
+
+    Measured (CPU ms, one thread, batch 16, network / kernel; ``python -m
+    tnbackpack.benchmark.input_vjp``): overlapping 3x3 layers 2.5-5x slower
+    by the network; 1×1 stride 2 faster by the network; 1×1 stride 1
+    depthwise 0.1-0.6x, narrowing (64->16 @56², 10 vectors) 105 / 141, but
+    widening (16->64 @56², 10 vectors) 99 / 36 and (32->128 @28²) 59 / 24;
+    with one vector the widening layers are about even (5.1 / 4.4).
     """
     tn = expressions.input_vjp(spec, grad_output, weight, input_size, vectors)
     if route == "auto":
         route = input_vjp_route(spec)
+        if autotune.POLICY == "measure" and input_vjp_measured(spec):
+            key = input_vjp_key(spec, grad_output, input_size, vectors, simplified)
+            remembered = autotune.remembered(key)
+            if remembered is None:
+                network = simplify(tn) if simplified else tn
+                # planned outside the timing: planning is paid once anyway
+                plan(network.equation(), _shapes_only(*network.operands))
+                candidates = {
+                    "tn": lambda: network.contract(),
+                    "torch": lambda: torch_routes.input_vjp(
+                        spec, grad_output, weight, input_size, vectors
+                    ),
+                }
+                # the model's route last: it is preferred on a near tie
+                names = sorted(candidates, key=lambda name: name == route)
+                _, result = autotune.fastest(key, {n: candidates[n] for n in names})
+                return result
+            route = remembered
     if route == "torch":
         return torch_routes.input_vjp(spec, grad_output, weight, input_size, vectors)
     if route != "tn":
