@@ -6,7 +6,8 @@ per-factor quantity is that stage's weight quantity, computed by the same
 functions as for an ordinary convolution, and the bias's is that of the last
 stage. One backward hook walks the stages in reverse:
 
-1. recompute each stage's input from the stored layer input (no graph);
+1. recompute each stage's input from the stored layer input (recorded by
+   autograd only under ``backward(create_graph=True)``);
 2. take what arrives at the layer output: the output gradient (first-order
    extensions), BackPACK's square roots of the GGN or Hessian, or KFRA's
    batch-averaged ``Ḡ``;
@@ -33,6 +34,7 @@ from ..nn.factorizations import Factor
 from ..nn.factorized_conv import FACTORIZED_CONV_TYPES, FactorizedConvNd
 from ..nn.stages import flat_view, output_view, stage_inputs, stage_weight
 from ..tn import functional, torch_routes
+from ..tn.graph import records_graph
 from ..tn.spec import ConvSpec
 from .derivatives import ea_jac_t_mat_jac
 from .diagonal import bias_diagonal, signed_sum, weight_diagonal
@@ -306,8 +308,14 @@ class FactorizedConvExtension(ModuleExtension):
         to_input: bool,
     ) -> Any:
         plan = module.factor_plan()
-        tensors = [t.detach() for t in module.factor_tensors()]
-        x = subsample(module.input0.detach(), ext.get_subsampling())
+        tensors = module.factor_tensors()
+        x = subsample(module.input0, ext.get_subsampling())
+        # create_graph=True: quantities stay differentiable w.r.t. the factors
+        # and the input (as for ordinary convs); otherwise detached operands
+        # let the engine take its out=/in-place fast paths.
+        if not records_graph(x, *tensors):
+            tensors = [t.detach() for t in tensors]
+            x = x.detach()
         inputs = stage_inputs(plan, tensors, x)
         layer_ndim = module.ndim
         rule = self.rule

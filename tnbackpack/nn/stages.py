@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from ..tn import functional, torch_routes
@@ -103,13 +102,14 @@ def run_stages(
     return inputs + [activation]
 
 
-@torch.no_grad()
 def stage_inputs(
     factors: Sequence[Factor], tensors: Sequence[Tensor], x: Tensor
 ) -> List[Tensor]:
     """Each stage's input (in its layout), recomputed from the layer input.
 
-    Without an autograd graph; the last stage is not run.
+    Recorded by autograd only when grad mode is on and an operand requires
+    grad (a backward pass with ``create_graph=True``); the last stage is not
+    run.
     """
     layer_ndim = x.ndim - 2
     inputs = [stage_view(factors[0], x)]
