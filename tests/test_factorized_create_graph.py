@@ -13,8 +13,8 @@ linear``, where the layer is:
   which it acts), the explicit ``nn.Sequential`` of PyTorch stage convs, each
   with a zero bias whose Jacobian gives the stage's output-side factor, and
   patches from one-hot kernels for the input side
-  (:func:`test_create_graph.kronecker_reference`). Its parameters are the factors reshaped, so its gradients are mapped back
-  by reshaping.
+  (:func:`test_create_graph.kronecker_reference`). Its parameters are the
+  factors reshaped, so its gradients are mapped back by reshaping.
 """
 
 from __future__ import annotations
