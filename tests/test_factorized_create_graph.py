@@ -20,14 +20,18 @@ linear``, where the layer is:
 from __future__ import annotations
 
 import copy
-import math
 from typing import Dict, List, Tuple
 
 import pytest
 import torch
-from backpack.core.derivatives.mseloss import MSELossDerivatives
 from factorized_cases import Case, RebuiltConv, model_pair, stage_sequence
-from test_create_graph import TOL, Reference, reference_quantities, weighted_sum
+from test_create_graph import (
+    TOL,
+    Reference,
+    backward_create_graph,
+    reference_quantities,
+    weighted_sum,
+)
 from torch import Tensor, nn
 from torch.func import grad
 
@@ -85,38 +89,11 @@ def check(case: Case, extension: str) -> None:
     ref = Reference(reference_model, copy.deepcopy(loss_fn), x, y)
     checked = [n for n, _ in model.named_parameters() if int(n.split(".")[0]) <= LAYER]
 
-    recorded: List[Tensor] = []
-    original = MSELossDerivatives._sqrt_hessian_sampled
-
-    def spy(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        recorded.append(result.detach().clone())
-        return result
-
-    ext = getattr(tn_extensions, extension)()
-    extend(model)
-    extend(loss_fn)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(MSELossDerivatives, "_sqrt_hessian_sampled", spy)
-        loss = loss_fn(model(x), y)
-        with backpack(ext):
-            loss.backward(create_graph=True)
-    params = dict(model.named_parameters())
-    actual = {n: getattr(params[n], ext.savefield) for n in checked}
-
-    generator = torch.Generator().manual_seed(1)
-
-    def like(value):
-        if isinstance(value, list):
-            return [like(v) for v in value]
-        return torch.randn(value.shape, generator=generator, dtype=DTYPE)
-
-    weights = {n: like(actual[n]) for n in checked}
-    sampled = recorded[0] if recorded else torch.zeros(())
-    scale = 2.0 / math.sqrt(y.numel())  # MSE mean, one MC sample
+    run = backward_create_graph(model, loss_fn, x, y, extension, checked)
+    params, actual, weights = run.params, run.actual, run.weights
 
     def reference_values(theta: Tensor) -> Dict[str, object]:
-        values = reference_quantities(extension, ref, theta, sampled, scale)
+        values = reference_quantities(extension, ref, theta, run.sampled, run.scale)
         return {n: values[names[n]] for n in checked}
 
     def shaped(value, like_value):
