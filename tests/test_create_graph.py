@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import pytest
@@ -300,11 +301,26 @@ def weighted_sum(values: Dict[str, object], weights: Dict[str, object]) -> Tenso
     return total
 
 
-def check_create_graph(net_name: str, extension: str) -> None:
-    model, loss_fn, x, y = setup(net_name, extension)
-    # torch.func on a plain copy: BackPACK's hooks are no business of the reference
-    ref = Reference(copy.deepcopy(model), copy.deepcopy(loss_fn), x, y)
-    conv_names = [n for n in ref.names if int(n.split(".")[0]) in conv_layers(model)]
+@dataclass
+class Run:
+    """A ``backward(create_graph=True)`` under one extension, and what ``f`` needs."""
+
+    params: Dict[str, Tensor]
+    actual: Dict[str, object]  # savefield values of the checked parameters
+    weights: Dict[str, object]  # fixed random R_p, shaped like them
+    sampled: Tensor  # BackPACK's MC square root (zeros if none drawn)
+    scale: float  # that square root's factor (MSE mean, one MC sample)
+
+
+def backward_create_graph(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    extension: str,
+    names: List[str],
+) -> Run:
+    """Extend, run ``backward(create_graph=True)``, record BackPACK's MC draw."""
     recorded: List[Tensor] = []
     original = MSELossDerivatives._sqrt_hessian_sampled
 
@@ -322,8 +338,7 @@ def check_create_graph(net_name: str, extension: str) -> None:
         with backpack(ext):
             loss.backward(create_graph=True)
     params = dict(model.named_parameters())
-    actual = {n: getattr(params[n], ext.savefield) for n in conv_names}
-
+    actual = {n: getattr(params[n], ext.savefield) for n in names}
     generator = torch.Generator().manual_seed(1)
 
     def like(value):
@@ -331,9 +346,23 @@ def check_create_graph(net_name: str, extension: str) -> None:
             return [like(v) for v in value]
         return torch.randn(value.shape, generator=generator, dtype=DTYPE)
 
-    weights = {n: like(actual[n]) for n in conv_names}
-    sampled = recorded[0] if recorded else torch.zeros(())
-    scale = 2.0 / math.sqrt(y.numel())  # MSE mean, one MC sample
+    return Run(
+        params,
+        actual,
+        {n: like(v) for n, v in actual.items()},
+        recorded[0] if recorded else torch.zeros(()),
+        2.0 / math.sqrt(y.numel()),
+    )
+
+
+def check_create_graph(net_name: str, extension: str) -> None:
+    model, loss_fn, x, y = setup(net_name, extension)
+    # torch.func on a plain copy: BackPACK's hooks are no business of the reference
+    ref = Reference(copy.deepcopy(model), copy.deepcopy(loss_fn), x, y)
+    conv_names = [n for n in ref.names if int(n.split(".")[0]) in conv_layers(model)]
+    run = backward_create_graph(model, loss_fn, x, y, extension, conv_names)
+    params, actual, weights = run.params, run.actual, run.weights
+    sampled, scale = run.sampled, run.scale
 
     def reference_f(theta: Tensor) -> Tensor:
         values = reference_quantities(extension, ref, theta, sampled, scale)

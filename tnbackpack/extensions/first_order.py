@@ -100,6 +100,10 @@ class _ConvModuleExtension(FirstOrderModuleExtension):
 class BatchGradConv(_ConvModuleExtension):
     """Per-sample gradients ``[N, *param]`` (``grad_batch``)."""
 
+    #: The weight quantity is the per-sample weight VJP itself (the factorized
+    #: rule then picks the route per stage).
+    per_sample_gradients = True
+
     def weight_quantity(self, spec: ConvSpec, x: Tensor, grad_output: Tensor) -> Tensor:
         """``[N, *weight]``."""
         return functional.per_sample_weight_vjp(spec, x, grad_output)

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 from math import prod
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..tn.conv_einsum import conv_einsum
 from ..tn.spec import ConvSpec, IntOrTuple
-from . import stages
+from . import double_backward, stages
 from .factorizations import Factor, Rank, build_factors, resolve_ranks, spatial_letters
 
 __all__ = ["FactorizedConv1d", "FactorizedConv2d", "FactorizedConv3d"]
@@ -173,15 +173,23 @@ class FactorizedConvNd(nn.Module):
         group, spatial, factors = self._letters()
         return f"n{group}c{spatial},{factors}->n{group}o{spatial}|{spatial}"
 
-    def einsum_operands(self, x: Tensor) -> List[Tensor]:
-        """The input and the factors, viewed as the :attr:`equation` reads them."""
-        if self.groups == 1:
-            return [x, *self.factor_tensors()]
-        return [x.unflatten(1, (self.groups, -1)), *self._grouped_factors()]
+    def einsum_operands(
+        self, x: Tensor, tensors: Optional[Sequence[Tensor]] = None
+    ) -> List[Tensor]:
+        """The input and the factors, viewed as the :attr:`equation` reads them.
 
-    def _grouped_factors(self) -> List[Tensor]:
-        """The factors, with a leading group axis if ``groups > 1``."""
-        tensors = self.factor_tensors()
+        ``tensors`` replace the factor parameters (same shapes) if given.
+        """
+        grouped = self._grouped_factors(tensors)
+        if self.groups == 1:
+            return [x, *grouped]
+        return [x.unflatten(1, (self.groups, -1)), *grouped]
+
+    def _grouped_factors(
+        self, tensors: Optional[Sequence[Tensor]] = None
+    ) -> List[Tensor]:
+        """The factors (or ``tensors``), with a leading group axis if ``groups > 1``."""
+        tensors = list(self.factor_tensors() if tensors is None else tensors)
         if self.groups == 1:
             return tensors
         g = self.groups
@@ -202,23 +210,37 @@ class FactorizedConvNd(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
-        """The layer output ``[N, C_out, *O]``: :attr:`equation` by conv_einsum."""
+        """The layer output ``[N, C_out, *O]``: :attr:`equation` by conv_einsum.
+
+        Twice differentiable: under ``backward(create_graph=True)`` the
+        gradients are taken through the stage convolutions
+        (:mod:`.double_backward`).
+        """
         self._check_input(x)
-        out = conv_einsum(
-            self.equation,
-            *self.einsum_operands(x),
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            padding_mode=self.padding_mode,
+        out = double_backward.contract(
+            self._by_einsum, self._by_stages, x, self.factor_tensors()
         )
-        if self.groups > 1:
-            out = out.flatten(1, 2)
         if self.bias is not None:
             out = out + self.bias.reshape(-1, *(1,) * self.ndim)
         # the evaluation order may leave a permuted layout; later layers (and
         # BackPACK's rules for them) expect PyTorch's contiguous one
         return out.contiguous()
+
+    def _by_einsum(self, x: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+        """The layer output without bias, by conv_einsum, from given factor tensors."""
+        out = conv_einsum(
+            self.equation,
+            *self.einsum_operands(x, tensors),
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            padding_mode=self.padding_mode,
+        )
+        return out.flatten(1, 2) if self.groups > 1 else out
+
+    def _by_stages(self, x: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+        """The layer output without bias, stage by stage (twice differentiable)."""
+        return stages.run_stages(self.factor_plan(), tensors, x)[0]
 
     def forward_stages(self, x: Tensor) -> Tensor:
         """The layer output computed stage by stage (ordinary convolutions)."""
