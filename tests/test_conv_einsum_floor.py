@@ -14,5 +14,6 @@ def test_quick_run_writes_floor_table(tmp_path):
     assert len(rows) == sum(len(spec[2]) for spec in FACTORIZATIONS.values())
     for row in rows:
         assert row["layer"] == "16@14²"
-        assert all(float(row[c]) > 0 for c in ("conv_einsum", "sequence", "floor"))
+        columns = ("conv_einsum", "channels_last", "sequence", "floor")
+        assert all(float(row[c]) > 0 for c in columns)
     assert "| 16@14² | tt |" in (tmp_path / "floor.md").read_text()

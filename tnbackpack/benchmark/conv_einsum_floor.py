@@ -6,6 +6,9 @@ side by side and interleaved (CPU-time medians, one thread):
 - ``conv_einsum`` and ``sequence`` (tensorly-torch's stage sequence written
   with ``F.conv2d``, the best baseline on the small-spatial rows), forward +
   backward as in the main benchmark;
+- ``channels_last``: conv_einsum with its ``nchw`` layout policy switched off
+  (``evaluate.NCHW_MAX_POSITIONS = 0``: channels-last intermediates and
+  matrix-product routes on every layer, the behaviour before that policy);
 - ``floor``: only the matrix products no evaluation order avoids, each as one
   ``torch.mm`` on contiguous, already channels-last matrices: for each
   channel map (``C→R`` and ``R→C``) its forward, input-gradient and
@@ -91,7 +94,7 @@ def measure(
     max_seconds: float,
 ) -> Dict[str, float]:  # fmt: skip
     """CPU milliseconds of ``conv_einsum``, ``sequence`` and ``floor`` for one row."""
-    from ..tn.conv_einsum import conv_einsum
+    from ..tn.conv_einsum import conv_einsum, evaluate
 
     equation = FACTORIZATIONS[name][0]
     generator = torch.Generator().manual_seed(0)
@@ -108,15 +111,27 @@ def measure(
         for factor in factors:
             factor.grad = None
 
+    default = evaluate.NCHW_MAX_POSITIONS
+
+    def einsum(limit: int) -> Callable[[], None]:
+        def run() -> None:
+            evaluate.NCHW_MAX_POSITIONS = limit
+            try:
+                conv_einsum(equation, x, *factors, padding=1).backward(grad)
+            finally:
+                evaluate.NCHW_MAX_POSITIONS = default
+
+        return run
+
     variants = {
-        "conv_einsum": lambda: conv_einsum(equation, x, *factors, padding=1).backward(
-            grad
-        ),
+        "conv_einsum": einsum(default),
+        "channels_last": einsum(0),
         "sequence": lambda: sequence(name, x, factors).backward(grad),
         "floor": floor_products(name, channels, size, rank, batch),
     }
-    variants["conv_einsum"]()  # plans and measures its routes
-    cleanup()
+    for variant in ("conv_einsum", "channels_last"):  # plan, measure routes
+        variants[variant]()
+        cleanup()
     cpu, _ = time_both(variants, cleanup, repeats, max_seconds)
     return cpu
 
@@ -155,7 +170,8 @@ def run_floor(
 
 def _write(rows: List[Dict[str, object]], output: Path, batch: int) -> None:
     output.mkdir(parents=True, exist_ok=True)
-    columns = ["layer", "factorization", "rank", "conv_einsum", "sequence", "floor"]
+    columns = ["layer", "factorization", "rank", "conv_einsum", "channels_last",
+               "sequence", "floor"]  # fmt: skip
     with open(output / "floor.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
@@ -164,19 +180,23 @@ def _write(rows: List[Dict[str, object]], output: Path, batch: int) -> None:
     lines = [
         f"Forward + backward, batch {batch}, 1 thread, float32; medians of "
         f"interleaved rounds of the process's CPU time in ms. `floor`: the "
-        f"unavoidable matrix products alone as contiguous `torch.mm` calls "
+        f"unavoidable matrix products alone as contiguous `torch.mm` calls; "
+        f"`channels_last`: conv_einsum without its nchw layout policy "
         f"(module docstring of `tnbackpack.benchmark.conv_einsum_floor`).",
         "",
-        "| layer | factorization | rank | conv_einsum | sequence | floor "
-        "| sequence / floor | sequence / conv_einsum |",
-        "|---|---|---|---|---|---|---|---|",
+        "| layer | factorization | rank | conv_einsum | channels_last | sequence "
+        "| floor | sequence / floor | sequence / conv_einsum "
+        "| sequence / channels_last |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['layer']} | {row['factorization']} | {row['rank']} | "
-            f"{row['conv_einsum']:.1f} | {row['sequence']:.1f} | {row['floor']:.1f} "
+            f"{row['conv_einsum']:.1f} | {row['channels_last']:.1f} | "
+            f"{row['sequence']:.1f} | {row['floor']:.1f} "
             f"| {row['sequence'] / row['floor']:.2f}× "
-            f"| {row['sequence'] / row['conv_einsum']:.2f}× |"
+            f"| {row['sequence'] / row['conv_einsum']:.2f}× "
+            f"| {row['sequence'] / row['channels_last']:.2f}× |"
         )
     (output / "floor.md").write_text("\n".join(lines) + "\n")
 
