@@ -14,6 +14,18 @@ from tnbackpack import conv_einsum
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+@pytest.fixture(params=["channels_last", "nchw"])
+def layout(request, monkeypatch):
+    """Run a test with either layout policy of the steps (evaluate.onednn_layout):
+    channels-last intermediates (large layers) or nchw order with 1×1
+    convolutions for channel products (few positions per sample)."""
+    from tnbackpack.tn.conv_einsum import evaluate
+
+    limit = 0 if request.param == "channels_last" else 10**9
+    monkeypatch.setattr(evaluate, "NCHW_MAX_POSITIONS", limit)
+    return request.param
+
+
 def rand(*shape, dtype=torch.float64):
     return torch.randn(*shape, dtype=dtype)
 
@@ -63,7 +75,7 @@ LAYERS = {
 @pytest.mark.parametrize(
     "stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 0, 2), (2, "valid", 1)]
 )
-def test_factorized_layer_vs_rebuilt_kernel(name, stride, padding, dilation):
+def test_factorized_layer_vs_rebuilt_kernel(name, stride, padding, dilation, layout):
     torch.manual_seed(0)
     equation, factor_shapes, rebuild = LAYERS[name]
     C, Co, R = 3, 4, 2
@@ -89,7 +101,7 @@ def test_factorized_layer_vs_rebuilt_kernel(name, stride, padding, dilation):
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
-def test_cp_any_dimension_and_padding_mode(dims, padding_mode):
+def test_cp_any_dimension_and_padding_mode(dims, padding_mode, layout):
     """CP with 1, 2, 3 convolution letters vs nn.Conv*d with the rebuilt kernel."""
     torch.manual_seed(1)
     spatial = "hwd"[:dims]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Mapping, Tuple
 
 from torch import Tensor
@@ -34,8 +35,31 @@ def leaf(network: Network, node: int, tensor: Tensor, out: Part) -> Named:
     )
 
 
+#: Samples with at most this many output positions keep every intermediate in
+#: the caller's ``nchw`` order and run channel products as 1×1 convolutions
+#: (the stage sequence's kernels) instead of channels-last matrix products:
+#: the products are then small per sample, and the ``nchw`` input and output
+#: would otherwise be transposed around them. Measured (batch 32, one thread,
+#: forward + backward, HANDOFF-p12.md): 512-channel 7² layers 1–19% faster
+#: (CP most), 14² and larger layers 7–26% slower, a 16-channel 8² layer 2–5%
+#: slower; hence 7².
+NCHW_MAX_POSITIONS = 49
+
+
+def onednn_layout(network: Network) -> bool:
+    """Whether the network's output has few enough positions per sample."""
+    legs = network.legs[network.output_node]
+    return bool(legs) and math.prod(leg.size for _, leg in legs) <= NCHW_MAX_POSITIONS
+
+
 def run_step(
-    step: Step, a: Named, b: Named, legs_a, legs_b, top: bool = False
+    step: Step,
+    a: Named,
+    b: Named,
+    legs_a,
+    legs_b,
+    top: bool = False,
+    onednn: bool = False,
 ) -> Named:
     """One step on tensors in the coordinates of their parts."""
     (ta, la), (tb, lb) = _to_side(*a, legs_a, step.a), _to_side(*b, legs_b, step.b)
@@ -44,7 +68,7 @@ def run_step(
     for letter, start, length in step.cuts[1]:
         tb = tb.narrow(lb.index(letter), start, length)
     if step.method == "einsum":
-        return run_matmul(ta, la, tb, lb, step.out.letters, not top)
+        return run_matmul(ta, la, tb, lb, step.out.letters, not (top or onednn), onednn)
     if step.method == "pattern":
         return run_pattern(
             ta, la, dict(step.a.legs), tb, lb, dict(step.b.legs), step.out
@@ -74,6 +98,7 @@ def execute(
         (only,) = [i for i in range(len(network.subscripts)) if full >> i & 1]
         result = leaf(network, only, tensors[only], target(network, node, full))
     else:
+        onednn = onednn_layout(network)
         for step in plan.steps:
             operands = []
             for mask in (step.left, step.right):
@@ -85,7 +110,7 @@ def execute(
                 step, operands[0], operands[1],
                 dict(part(network, step.left).legs),
                 dict(part(network, step.right).legs),
-                step.result == full,
+                step.result == full, onednn,
             )  # fmt: skip
         result = store.pop(full)
     return _finish(network, node, *result)

@@ -412,7 +412,13 @@ def memory_order(t: Tensor, letters: str) -> str:
 
 
 def run_matmul(
-    a: Tensor, la: str, b: Tensor, lb: str, out: str, channels_last: bool = True
+    a: Tensor,
+    la: str,
+    b: Tensor,
+    lb: str,
+    out: str,
+    channels_last: bool = True,
+    onednn: bool = False,
 ) -> Tuple[Tensor, str]:
     """A step without shared convolution letters, as one (batched) matrix product.
 
@@ -422,12 +428,20 @@ def run_matmul(
     the smaller operand's free letters innermost (``channels_last``, what
     PyTorch's CPU convolutions run fastest on) or right after the batch
     letters (``nchw`` order, for a result returned to the caller).
+
+    With ``onednn``, a product of one channel letter between ``nchw``-ordered
+    tensors runs as PyTorch's 1×1 convolution or its weight gradient
+    (:func:`_channel_product`), the kernels of the stage sequence.
     """
     if a.numel() < b.numel():
         a, la, b, lb = b, lb, a, la
     contracted = "".join(c for c in la if c in lb and c not in out)
     if not contracted or any(c in lb and c in out for c in la):
         return torch.einsum(f"{la},{lb}->{out}", a, b), out
+    if onednn:
+        result = _channel_product(a, la, b, lb, contracted)
+        if result is not None:
+            return result
     summed = _summed_batch(a, la, b, lb, contracted)
     if summed is not None:
         return summed
@@ -443,6 +457,50 @@ def run_matmul(
             },
         )[1]
     return _bmm(a, la, b, lb, out, contracted, channels_last)
+
+
+def _block_order(t: Tensor, letters: str) -> Optional[str]:
+    """``letters`` in memory order if ``t`` is contiguous in it, else ``None``."""
+    order = memory_order(t, letters)
+    return order if _arrange(t, letters, order).is_contiguous() else None
+
+
+def _channel_product(a: Tensor, la: str, b: Tensor, lb: str, contracted: str):
+    """A product over channels as a 1×1 convolution, ``None`` if it is not one.
+
+    ``a`` (``[batch, channel, spatial..]`` in memory, 1 to 3 spatial letters)
+    with a matrix ``b`` over its channel letter: ``F.conv*d`` with a 1×1
+    kernel, result in ``a``'s order. Two such tensors summed over everything
+    but their channel letters: the weight gradient of that convolution.
+    """
+    order = _block_order(a, la)
+    if order is None or not 3 <= len(order) <= 5:
+        return None
+    spatial = order[2:]
+    if b.ndim == 2 and contracted == order[1]:
+        free = lb.replace(contracted, "")
+        weight = _arrange(b, lb, free + contracted)
+        weight = weight.reshape(weight.shape + (1,) * len(spatial))
+        return _CONV[len(spatial)](a.permute(_perm(la, order)), weight), (
+            order[0] + free + spatial
+        )
+    other = _block_order(b, lb) if b.ndim == a.ndim else None
+    if other is None or other[0] + other[2:] != order[0] + spatial:
+        return None
+    if sorted(contracted) != sorted(order[0] + spatial):
+        return None
+    x, g = a.permute(_perm(la, order)), b.permute(_perm(lb, other))
+    ones = (1,) * len(spatial)
+    weight = x.new_empty((g.shape[1], x.shape[1]) + ones)
+    y = torch.ops.aten.convolution_backward(
+        g, x, weight, None, list(ones), [0] * len(spatial), list(ones), False,
+        [0] * len(spatial), 1, [False, True, False],
+    )[1]  # fmt: skip
+    return y.reshape(g.shape[1], x.shape[1]), other[1] + order[1]
+
+
+def _perm(letters: str, order: str) -> List[int]:
+    return [letters.index(c) for c in order]
 
 
 def _matmul_as_conv(a, la, b, lb, out, contracted, channels_last):
