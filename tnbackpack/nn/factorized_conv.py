@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..tn.conv_einsum import conv_einsum
 from ..tn.spec import ConvSpec, IntOrTuple
-from . import double_backward, stages
+from . import stages
 from .factorizations import Factor, Rank, build_factors, resolve_ranks, spatial_letters
 
 __all__ = ["FactorizedConv1d", "FactorizedConv2d", "FactorizedConv3d"]
@@ -212,14 +212,10 @@ class FactorizedConvNd(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """The layer output ``[N, C_out, *O]``: :attr:`equation` by conv_einsum.
 
-        Twice differentiable: under ``backward(create_graph=True)`` the
-        gradients are taken through the stage convolutions
-        (:mod:`.double_backward`).
+        Twice differentiable, as conv_einsum is.
         """
         self._check_input(x)
-        out = double_backward.contract(
-            self._by_einsum, self._by_stages, x, self.factor_tensors()
-        )
+        out = self._by_einsum(x, self.factor_tensors())
         if self.bias is not None:
             out = out + self.bias.reshape(-1, *(1,) * self.ndim)
         # the evaluation order may leave a permuted layout; later layers (and
@@ -237,10 +233,6 @@ class FactorizedConvNd(nn.Module):
             padding_mode=self.padding_mode,
         )
         return out.flatten(1, 2) if self.groups > 1 else out
-
-    def _by_stages(self, x: Tensor, tensors: Sequence[Tensor]) -> Tensor:
-        """The layer output without bias, stage by stage (twice differentiable)."""
-        return stages.run_stages(self.factor_plan(), tensors, x)[0]
 
     def forward_stages(self, x: Tensor) -> Tensor:
         """The layer output computed stage by stage (ordinary convolutions)."""

@@ -7,6 +7,14 @@ output's gradient in place of the output and that operand left out
 are saved, like autograd would save its activations. No index pattern is
 built unless a step has no convolution kernel, and no autograd graph is
 recorded inside.
+
+Under ``loss.backward(create_graph=True)`` the planned gradients would be
+wrong to differentiate again: the intermediates they reuse were computed
+without a graph, so their dependence on the operands would be lost (and
+autograd would treat the gradients as constants, silently). There the
+backward records instead: it runs the forward plan again with autograd on and
+differentiates it with ``create_graph=True``, so the gradients are twice
+differentiable through PyTorch's own kernels.
 """
 
 from __future__ import annotations
@@ -15,7 +23,6 @@ from typing import Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .evaluate import execute
 from .planner import plan
@@ -48,12 +55,14 @@ class ConvEinsum(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output: Tensor) -> Tuple:  # noqa: D102
         network = ctx.network
         count = len(network.subscripts) - 1
         saved = ctx.saved_tensors
         operands, kept = saved[:count], saved[count:]
+        if torch.is_grad_enabled():  # create_graph=True
+            needs = ctx.needs_input_grad[1:]
+            return (None, *_recorded_gradients(ctx, operands, needs, grad_output))
         store = {m: (t, c) for m, t, c in zip(ctx.masks, kept, ctx.letters)}
         tensors = dict(enumerate(operands))
         tensors[network.output_node] = grad_output
@@ -61,3 +70,23 @@ class ConvEinsum(torch.autograd.Function):
         for contraction in ctx.plan.gradients:
             grads[contraction.node] = execute(network, contraction, tensors, store)
         return (None, *grads)
+
+
+def _recorded_gradients(
+    ctx, operands: Tuple[Tensor, ...], needs: Tuple[bool, ...], grad_output: Tensor
+) -> Tuple:
+    """Gradients with a graph: the forward plan re-run under autograd."""
+    wanted = [i for i, need in enumerate(needs) if need]
+    with torch.enable_grad():
+        output = execute(ctx.network, ctx.plan.forward, dict(enumerate(operands)), {})
+        found = torch.autograd.grad(
+            output,
+            [operands[i] for i in wanted],
+            grad_output,
+            create_graph=True,
+            allow_unused=True,
+        )
+    grads = [None] * len(operands)
+    for i, grad in zip(wanted, found):
+        grads[i] = torch.zeros_like(operands[i]) if grad is None else grad
+    return tuple(grads)
