@@ -72,10 +72,11 @@ def test_bad_route_raises(monkeypatch):
         ("cp", 64, "walk"),  # benchmark rows (64 channels at 32², N=32)
         ("tr", (8, 8, 8, 4), "walk"),
         ("tucker", (64, 64), "dense"),  # full-rank Tucker: stages cost more
+        ("cp", 256, "dense"),  # rank 4x the channels
     ],
 )
 def test_auto_route_by_flops(factorization, rank, expected):
-    """``auto`` picks the route with fewer FLOPs (shapes only)."""
+    """``auto`` picks the measured-faster route by its cost count (shapes only)."""
     layer = FactorizedConv2d(64, 64, 3, rank, factorization, padding=1)
     x = torch.empty(32, 64, 32, 32, device="meta")
     assert factorized_dense.choose(layer, x, x) == expected

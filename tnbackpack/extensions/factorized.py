@@ -364,7 +364,6 @@ class FactorizedConvExtension(ModuleExtension):
                 carried = rule.view(rule.pull_back(stage, carried), layer_ndim)
         return carried
 
-
     def _dense_route(
         self, module: FactorizedConvNd, x: Tensor, carried: Any, to_input: bool
     ) -> bool:

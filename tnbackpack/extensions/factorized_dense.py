@@ -13,12 +13,15 @@ one implementation serves CP, Tucker, TT and TR, groups included (every factor
 then carries the group letter). The projections share their common
 intermediates (``opt_einsum.shared_intermediates``).
 
-:func:`choose` picks the route by a FLOP count of both (:data:`ROUTE` forces
+:func:`choose` picks the route by a cost count of both (FLOPs, and the walk's
+memory traffic) (:data:`ROUTE` forces
 one). Measured on the benchmark's rows (HANDOFF-p13b.md) the dense route
-does not pay there: the dense per-sample gradient alone costs about what the
-whole stage walk costs (64 channels at 32², N=32, one thread: CP rank 64 dense
-grad 31 ms + projections 14 ms vs walk 48 ms; TR 8x8x8x4 29 + 13 ms vs 36 ms),
-and the FLOP count agrees, so ``auto`` keeps the walk on those rows.
+does not pay there (BatchGrad step, 64 channels at 32², N=32, one thread:
+CP rank 64 both 80 ms, TR 8x8x8x4 walk 87 vs dense 100 ms): the dense
+per-sample gradient alone costs about what the whole walk does. It pays when
+the ranks are large relative to the channels, where the walk's stages grow
+(CP rank 256: walk 430 vs dense 119 ms; CP rank 64 on 16 channels 40 vs 15 ms;
+full-rank Tucker 160 vs 107 ms).
 """
 
 from __future__ import annotations
@@ -35,6 +38,16 @@ from ..tn import functional
 #: ``"auto"`` (FLOP count), ``"walk"`` or ``"dense"``: the BatchGrad route.
 ROUTE = "auto"
 ROUTES = ("auto", "walk", "dense")
+
+#: FLOP-equivalents charged per element of a stage's input and output in the
+#: walk. Its stages are thin (depthwise, few-channel) convolutions whose time
+#: is memory traffic, not FLOPs, while the dense route is one BLAS-bound
+#: product. Fitted on 11 layers (64 channels at 32², 128 at 16², N=32, one
+#: thread; HANDOFF-p13b.md): every weight between 5 and 110 picks the
+#: measured-faster route on all of them (e.g. CP rank 256 needs > 4: walk
+#: 430 ms vs dense 119 ms; CP rank 64 would flip at 111, where both routes
+#: measured 80 ms).
+TRAFFIC_WEIGHT = 24
 
 
 def _projection_equations(module: FactorizedConvNd) -> List[str]:
@@ -70,7 +83,11 @@ def dense_cost(module: FactorizedConvNd, batch: int, out_size: Tuple[int, ...]) 
 
 
 def walk_cost(module: FactorizedConvNd, batch: int, x_shape: Tuple[int, ...]) -> int:
-    """FLOPs of the stage walk: stage inputs, per-sample VJPs and pull-backs."""
+    """Cost of the stage walk in FLOP-equivalents.
+
+    FLOPs of the stage inputs, per-sample VJPs and pull-backs, plus
+    :data:`TRAFFIC_WEIGHT` per stage input and output element.
+    """
     cost = 0
     plan = module.factor_plan()
     size = tuple(x_shape[2:])
@@ -83,12 +100,16 @@ def walk_cost(module: FactorizedConvNd, batch: int, x_shape: Tuple[int, ...]) ->
         # the first)
         passes = 1 + (position < len(plan) - 1) + (position > 0)
         cost += passes * one_pass
+        traffic = stage.in_channels * prod(stage_size) + stage.out_channels * prod(
+            out_size
+        )
+        cost += TRAFFIC_WEIGHT * batch * traffic
         size = tuple(out_size[1:] if factor.ring else out_size)
     return cost
 
 
 def choose(module: FactorizedConvNd, x: Tensor, grad_output: Tensor) -> str:
-    """``"dense"`` or ``"walk"``: :data:`ROUTE`, or the one with fewer FLOPs."""
+    """``"dense"`` or ``"walk"``: :data:`ROUTE`, or the cheaper one by the counts."""
     if ROUTE not in ROUTES:
         raise ValueError(
             f"tnbackpack.extensions.factorized_dense.ROUTE must be one of {ROUTES}, "
