@@ -16,9 +16,10 @@ intermediates (``opt_einsum.shared_intermediates``).
 :func:`choose` picks the route by a cost count of both (FLOPs, and the walk's
 memory traffic) (:data:`ROUTE` forces
 one). Measured on the benchmark's rows (HANDOFF-p13b.md) the dense route
-does not pay there (BatchGrad step, 64 channels at 32², N=32, one thread:
-CP rank 64 both 80 ms, TR 8x8x8x4 walk 87 vs dense 100 ms): the dense
-per-sample gradient alone costs about what the whole walk does. It pays when
+pays little there (BatchGrad step, 64 channels at 32², N=32, one thread:
+CP rank 64 walk 80-93 vs dense 80-81 ms, TR 8x8x8x4 83-87 vs 94-100 ms;
+the other rows' walk is 1.6-5x faster): the dense per-sample gradient alone
+costs about what the whole walk does. It pays when
 the ranks are large relative to the channels, where the walk's stages grow
 (CP rank 256: walk 430 vs dense 119 ms; CP rank 64 on 16 channels 40 vs 15 ms;
 full-rank Tucker 160 vs 107 ms).
@@ -43,11 +44,12 @@ ROUTES = ("auto", "walk", "dense")
 #: walk. Its stages are thin (depthwise, few-channel) convolutions whose time
 #: is memory traffic, not FLOPs, while the dense route is one BLAS-bound
 #: product. Fitted on 11 layers (64 channels at 32², 128 at 16², N=32, one
-#: thread; HANDOFF-p13b.md): every weight between 5 and 110 picks the
-#: measured-faster route on all of them (e.g. CP rank 256 needs > 4: walk
-#: 430 ms vs dense 119 ms; CP rank 64 would flip at 111, where both routes
-#: measured 80 ms).
-TRAFFIC_WEIGHT = 24
+#: thread; ``python -m tnbackpack.benchmark.factorized_routes``): weights
+#: between 5 and 180 pick the measured-faster route on the ten clear ones
+#: (CP rank 256 needs > 4: walk 408 vs dense 114 ms; TR 8x8x8x4 needs < 180:
+#: 83 vs 94 ms); above 111 CP rank 64 (walk 80-93 vs dense 80-81 ms in two
+#: runs) goes dense too.
+TRAFFIC_WEIGHT = 128
 
 
 def _projection_equations(module: FactorizedConvNd) -> List[str]:
