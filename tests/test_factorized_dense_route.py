@@ -11,7 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 from factorized_cases import Case
-from test_factorized_extensions import CASES, check_all, data, ids, per_sample_gradients
+from hypothesis import assume, given, settings
+from test_factorized_extensions import (
+    CASES,
+    cases,
+    check_all,
+    data,
+    ids,
+    per_sample_gradients,
+)
 from test_second_order_reference import run
 from torch import nn
 
@@ -44,6 +52,38 @@ def test_batch_grad_by_route(case: Case, route: str, monkeypatch, counted):
     truth = per_sample_gradients(reference, nn.CrossEntropyLoss(), x, y)
     check_all(results["grad_batch"], truth)
     assert len(counted) == (route == "dense")
+
+
+def _both_routes(case: Case) -> None:
+    """BatchGrad by each forced route equals torch.func's."""
+    try:
+        case.layer().dense_spec().output_size(case.size())
+    except ValueError:
+        assume(False)  # the kernel is longer than the padded input
+    model, reference, x, y = data(case)
+    truth = per_sample_gradients(reference, nn.CrossEntropyLoss(), x, y)
+    previous = factorized_dense.ROUTE
+    try:
+        for route in ("walk", "dense"):
+            factorized_dense.ROUTE = route
+            results = run(model, nn.CrossEntropyLoss(), x, y, ext.BatchGrad())
+            check_all(results["grad_batch"], truth)
+    finally:
+        factorized_dense.ROUTE = previous
+
+
+@settings(max_examples=5, deadline=None)
+@given(case=cases())
+def test_sweep_both_routes(case: Case):
+    """Random layers (every factorization, dimension, hyper-parameter)."""
+    _both_routes(case)
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None)
+@given(case=cases())
+def test_sweep_both_routes_slow(case: Case):
+    _both_routes(case)
 
 
 def test_other_first_order_extensions_keep_the_walk(monkeypatch, counted):
