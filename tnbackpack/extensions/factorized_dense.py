@@ -28,7 +28,7 @@ full-rank Tucker 160 vs 107 ms).
 from __future__ import annotations
 
 from math import prod
-from typing import List, Tuple
+from typing import Dict, Hashable, List, Tuple
 
 import opt_einsum
 from torch import Tensor
@@ -39,6 +39,8 @@ from ..tn import functional
 #: ``"auto"`` (FLOP count), ``"walk"`` or ``"dense"``: the BatchGrad route.
 ROUTE = "auto"
 ROUTES = ("auto", "walk", "dense")
+
+_CHOICES: Dict[Hashable, str] = {}
 
 #: FLOP-equivalents charged per element of a stage's input and output in the
 #: walk. Its stages are thin (depthwise, few-channel) convolutions whose time
@@ -119,10 +121,15 @@ def choose(module: FactorizedConvNd, x: Tensor, grad_output: Tensor) -> str:
         )
     if ROUTE != "auto":
         return ROUTE
-    batch = x.shape[0]
-    out_size = tuple(grad_output.shape[2:])
-    dense = dense_cost(module, batch, out_size)
-    return "dense" if dense < walk_cost(module, batch, tuple(x.shape)) else "walk"
+    # the counts call opt_einsum's path search (about 0.3-0.8 ms): once per
+    # layer structure and shapes
+    key = (module.factor_plan(), module.dense_spec(), x.shape, grad_output.shape)
+    if key not in _CHOICES:
+        batch = x.shape[0]
+        dense = dense_cost(module, batch, tuple(grad_output.shape[2:]))
+        walk = walk_cost(module, batch, tuple(x.shape))
+        _CHOICES[key] = "dense" if dense < walk else "walk"
+    return _CHOICES[key]
 
 
 def per_sample_factor_gradients(
