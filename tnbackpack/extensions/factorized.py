@@ -43,6 +43,7 @@ from ..nn.stages import (
 from ..tn import functional, torch_routes
 from ..tn.graph import records_graph
 from ..tn.spec import ConvSpec
+from . import factorized_dense
 from .derivatives import ea_jac_t_mat_jac
 from .diagonal import bias_diagonal, signed_sum, weight_diagonal
 from .kronecker import bias_factors, is_kfra, kfac_approx_of, weight_factors
@@ -341,6 +342,9 @@ class FactorizedConvExtension(ModuleExtension):
         if not records_graph(x, *tensors):
             tensors = [t.detach() for t in tensors]
             x = x.detach()
+        if self._dense_route(module, x, carried, to_input):
+            self._dense(ext, module, tensors, x, carried)
+            return None
         inputs = stage_inputs(plan, tensors, x)
         layer_ndim = module.ndim
         rule = self.rule
@@ -359,6 +363,43 @@ class FactorizedConvExtension(ModuleExtension):
             if position > 0 or to_input:
                 carried = rule.view(rule.pull_back(stage, carried), layer_ndim)
         return carried
+
+    def _dense_route(
+        self, module: FactorizedConvNd, x: Tensor, carried: Any, to_input: bool
+    ) -> bool:
+        """Whether BatchGrad takes the dense route (:mod:`.factorized_dense`)."""
+        rule = self.rule
+        per_sample = isinstance(rule, FirstOrderRule) and getattr(
+            rule.conv_rule, "per_sample_gradients", False
+        )
+        return (
+            per_sample
+            and not to_input
+            and factorized_dense.choose(module, x, carried) == "dense"
+        )
+
+    def _dense(
+        self,
+        ext: BackpropExtension,
+        module: FactorizedConvNd,
+        tensors: List[Tensor],
+        x: Tensor,
+        grad_output: Tensor,
+    ) -> None:
+        """Store per-sample factor and bias gradients, by the dense route."""
+        rule = self.rule
+        assert isinstance(rule, FirstOrderRule)
+        if _trainable(module.bias):
+            spec = module.dense_spec()
+            per_sample = functional.bias_vjp(spec, grad_output, per_sample=True)
+            _save(ext, module.bias, rule.conv_rule.bias_quantity(per_sample))
+        grads = factorized_dense.per_sample_factor_gradients(
+            module, tensors, x, grad_output
+        )
+        for factor, grad in zip(module.factor_plan(), grads):
+            param = getattr(module, factor.name)
+            if _trainable(param):
+                _save(ext, param, grad)
 
 
 def _trainable(param: Optional[Tensor]) -> bool:
