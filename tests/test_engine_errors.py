@@ -58,10 +58,8 @@ NAME = "Conv2d(2, 4"
 
 
 def tensors(*shape, dtype=DTYPE):
-    return (
-        torch.randn(*shape, dtype=dtype)
-        if dtype.is_floating_point
-        else torch.ones(*shape, dtype=dtype)
+    return torch.randn(*shape, dtype=dtype) if dtype.is_floating_point else torch.ones(
+        *shape, dtype=dtype
     )
 
 
@@ -71,131 +69,89 @@ GY = tensors(2, 4, 5, 5)
 
 CALL_ERRORS = {
     "input channels": (
-        lambda: engine.forward(SPEC, tensors(2, 3, 5, 5), W),
-        ValueError,
-        "in_channels",
+        lambda: engine.forward(SPEC, tensors(2, 3, 5, 5), W), ValueError, "in_channels"
     ),
-    "input axes": (
-        lambda: engine.forward(SPEC, tensors(2, 2, 5), W),
-        ValueError,
-        "4 axes",
-    ),
-    "input not a tensor": (
-        lambda: engine.unfold(SPEC, [[0.0]]),
-        TypeError,
-        "must be a torch.Tensor",
-    ),
+    "input axes": (lambda: engine.forward(SPEC, tensors(2, 2, 5), W), ValueError,
+                   "4 axes"),
+    "input not a tensor": (lambda: engine.unfold(SPEC, [[0.0]]), TypeError,
+                           "must be a torch.Tensor"),
     "integer input": (
         lambda: engine.forward(SPEC, tensors(2, 2, 5, 5, dtype=torch.int64), W),
-        TypeError,
-        "floating dtype",
+        TypeError, "floating dtype",
     ),
     "integer grad_output": (
         lambda: engine.weight_vjp(SPEC, X, tensors(2, 4, 5, 5, dtype=torch.int32)),
-        TypeError,
-        "floating dtype",
+        TypeError, "floating dtype",
     ),
-    "weight shape": (
-        lambda: engine.forward(SPEC, X, tensors(4, 2, 3, 3)),
-        ValueError,
-        "weight has shape",
-    ),
-    "input/weight dtype": (
-        lambda: engine.forward(SPEC, X.float(), W),
-        TypeError,
-        "dtype",
-    ),
+    "weight shape": (lambda: engine.forward(SPEC, X, tensors(4, 2, 3, 3)), ValueError,
+                     "weight has shape"),
+    "input/weight dtype": (lambda: engine.forward(SPEC, X.float(), W), TypeError,
+                           "dtype"),
     "input/grad_output dtype": (
-        lambda: engine.per_sample_weight_vjp(SPEC, X, GY.float()),
-        TypeError,
-        "dtype",
+        lambda: engine.per_sample_weight_vjp(SPEC, X, GY.float()), TypeError, "dtype"
     ),
     "grad_output/weight dtype": (
-        lambda: engine.input_vjp(SPEC, GY.float(), W, (5, 5)),
-        TypeError,
-        "dtype",
+        lambda: engine.input_vjp(SPEC, GY.float(), W, (5, 5)), TypeError, "dtype"
     ),
     "grad_output channels (input VJP)": (
-        lambda: engine.input_vjp(SPEC, tensors(2, 6, 5, 5), W, (5, 5)),
-        ValueError,
+        lambda: engine.input_vjp(SPEC, tensors(2, 6, 5, 5), W, (5, 5)), ValueError,
         "out_channels",
     ),
     "grad_output channels (weight VJP)": (
-        lambda: engine.weight_vjp(SPEC, X, tensors(2, 6, 5, 5)),
-        ValueError,
+        lambda: engine.weight_vjp(SPEC, X, tensors(2, 6, 5, 5)), ValueError,
         "out_channels",
     ),
     "grad_output channels (bias VJP)": (
-        lambda: engine.bias_vjp(SPEC, tensors(2, 6, 5, 5)),
-        ValueError,
-        "out_channels",
+        lambda: engine.bias_vjp(SPEC, tensors(2, 6, 5, 5)), ValueError, "out_channels"
     ),
     "grad_output spatial size (input VJP)": (
-        lambda: engine.input_vjp(SPEC, tensors(2, 4, 4, 5), W, (5, 5)),
-        ValueError,
+        lambda: engine.input_vjp(SPEC, tensors(2, 4, 4, 5), W, (5, 5)), ValueError,
         "spatial size",
     ),
     "grad_output spatial size (weight VJP)": (
-        lambda: engine.weight_vjp(SPEC, X, tensors(2, 4, 5, 6)),
-        ValueError,
+        lambda: engine.weight_vjp(SPEC, X, tensors(2, 4, 5, 6)), ValueError,
         "spatial size",
     ),
     "grad_output spatial size (shifted)": (
-        lambda: engine.per_sample_weight_vjp(
-            SPEC, X, tensors(2, 4, 4, 5), route="shifted"
-        ),
-        ValueError,
-        "spatial size",
+        lambda: engine.per_sample_weight_vjp(SPEC, X, tensors(2, 4, 4, 5),
+                                             route="shifted"),
+        ValueError, "spatial size",
     ),
     "grad_output spatial size (squares)": (
-        lambda: engine.weight_vjp_squares(SPEC, X, tensors(2, 4, 4, 5)),
-        ValueError,
+        lambda: engine.weight_vjp_squares(SPEC, X, tensors(2, 4, 4, 5)), ValueError,
         "spatial size",
     ),
     "batch sizes (weight VJP)": (
-        lambda: engine.weight_vjp(SPEC, X, tensors(3, 4, 5, 5)),
-        ValueError,
+        lambda: engine.weight_vjp(SPEC, X, tensors(3, 4, 5, 5)), ValueError,
         "batch size",
     ),
     "batch sizes (per-sample)": (
         lambda: engine.per_sample_weight_vjp(SPEC, X, tensors(3, 4, 5, 5)),
-        ValueError,
-        "batch size",
+        ValueError, "batch size",
     ),
     "batch sizes (squares, vectors)": (
-        lambda: engine.weight_vjp_squares(
-            SPEC, X, tensors(2, 3, 4, 5, 5), vectors=True
-        ),
-        ValueError,
-        "batch size",
+        lambda: engine.weight_vjp_squares(SPEC, X, tensors(2, 3, 4, 5, 5),
+                                          vectors=True),
+        ValueError, "batch size",
     ),
     "missing vector axis": (
-        lambda: engine.per_sample_weight_vjp(SPEC, X, GY, vectors=True),
-        ValueError,
+        lambda: engine.per_sample_weight_vjp(SPEC, X, GY, vectors=True), ValueError,
         "5 axes",
     ),
-    "sqrt_ggn axes": (
-        lambda: engine.kfac_output_factor(SPEC, GY),
-        ValueError,
-        "sqrt_ggn must have 5 axes",
-    ),
-    "input_size entries": (
-        lambda: engine.input_vjp(SPEC, GY, W, (5,)),
-        ValueError,
-        "spatial sizes",
-    ),
+    "sqrt_ggn axes": (lambda: engine.kfac_output_factor(SPEC, GY), ValueError,
+                      "sqrt_ggn must have 5 axes"),
+    "input_size entries": (lambda: engine.input_vjp(SPEC, GY, W, (5,)), ValueError,
+                           "spatial sizes"),
     "input too small": (
-        lambda: engine.forward(UNPADDED, tensors(1, 2, 2, 5), W),
-        ValueError,
+        lambda: engine.forward(UNPADDED, tensors(1, 2, 2, 5), W), ValueError,
         "too small",
     ),
     "bias shape": (lambda: engine.forward(SPEC, X, W, tensors(1)), ValueError, "bias"),
 }
 
 
-@pytest.mark.parametrize(
-    "call, error, message", CALL_ERRORS.values(), ids=CALL_ERRORS.keys()
-)
+@pytest.mark.parametrize("call, error, message", CALL_ERRORS.values(),
+                         ids=CALL_ERRORS.keys())
 def test_invalid_arguments(call, error, message):
     with pytest.raises(error, match=message) as info:
         call()
@@ -225,18 +181,8 @@ SMALL_GY_CIRCULAR = tensors(2, 2, 9)
         lambda s, gy: engine.kfac_input_factor(s, SMALL_X, approx="reduce"),
         lambda s, gy: engine.weight_vjp_squares(s, SMALL_X, gy, route="contract"),
     ],
-    ids=[
-        "forward",
-        "input_vjp",
-        "weight_vjp",
-        "per-sample-tn",
-        "per-sample-shifted",
-        "unfold-tn",
-        "unfold-strided",
-        "kfac-strided",
-        "kfac-reduce",
-        "squares",
-    ],
+    ids=["forward", "input_vjp", "weight_vjp", "per-sample-tn", "per-sample-shifted",
+         "unfold-tn", "unfold-strided", "kfac-strided", "kfac-reduce", "squares"],
 )
 def test_padding_larger_than_the_mode_allows(call):
     with pytest.raises(ValueError, match="padding_mode='reflect'"):

@@ -22,11 +22,7 @@ CASES = pytest.mark.parametrize("name", NAMES)
 def test_forward(name, route, simplified):
     layer = cached_layer(name)
     y = engine.forward(
-        layer.spec,
-        layer.x,
-        layer.weight,
-        layer.bias,
-        output_size=layer.output_size,
+        layer.spec, layer.x, layer.weight, layer.bias, output_size=layer.output_size,
         simplified=simplified,
     )
     close(y, layer.output())
@@ -50,24 +46,15 @@ def test_input_vjp(name, route, simplified):
     input_size = layer.x.shape[2:]
     grad_output = layer.random_output_like()
     gx = engine.input_vjp(
-        layer.spec,
-        grad_output,
-        layer.weight,
-        input_size,
-        simplified=simplified,
+        layer.spec, grad_output, layer.weight, input_size, simplified=simplified,
         route=route,
     )
     close(gx, autograd_vjps(layer, grad_output)[0])
 
     grad_outputs = layer.random_output_like(3)
     gx = engine.input_vjp(
-        layer.spec,
-        grad_outputs,
-        layer.weight,
-        input_size,
-        vectors=True,
-        simplified=simplified,
-        route=route,
+        layer.spec, grad_outputs, layer.weight, input_size, vectors=True,
+        simplified=simplified, route=route,
     )
     close(gx, input_vjps(layer, grad_outputs))
 
@@ -82,11 +69,7 @@ def test_input_vjp_in_chunks(name, monkeypatch):
     row = max(grad_outputs[0, 0].numel(), layer.x[0].numel())
     monkeypatch.setattr(torch_routes, "MAX_CHUNK_ELEMENTS", 2 * row)
     gx = engine.input_vjp(
-        layer.spec,
-        grad_outputs,
-        layer.weight,
-        layer.x.shape[2:],
-        vectors=True,
+        layer.spec, grad_outputs, layer.weight, layer.x.shape[2:], vectors=True,
         route="torch",
     )
     close(gx, input_vjps(layer, grad_outputs))
@@ -121,11 +104,7 @@ def test_per_sample_weight_vjp(name, route, simplified):
     for vectors in (False, True):
         grad_output, expected, _ = cached_per_sample_grads(name, vectors)
         gw = engine.per_sample_weight_vjp(
-            layer.spec,
-            layer.x,
-            grad_output,
-            vectors=vectors,
-            simplified=simplified,
+            layer.spec, layer.x, grad_output, vectors=vectors, simplified=simplified,
             route=route,
         )
         close(gw, expected)

@@ -40,49 +40,28 @@ def check_forward_and_vjps(case):
     for simplified in simplified_variants(layer):
         y = engine.forward(spec, x, w, layer.bias, layer.output_size, simplified)
         close(y, layer.output())
-        close(
-            engine.input_vjp(spec, grad_output, w, x.shape[2:], simplified=simplified),
-            gx,
-        )
-        close(
-            engine.input_vjp(
-                spec, grad_outputs, w, x.shape[2:], vectors=True, simplified=simplified
-            ),
-            input_vjps(layer, grad_outputs),
-        )
-        close(
-            engine.weight_vjp(spec, x, grad_output, simplified=simplified, route="tn"),
-            gw,
-        )
-        close(
-            engine.per_sample_weight_vjp(
-                spec, x, grad_outputs, vectors=True, simplified=simplified, route="tn"
-            ),
-            per_sample_w,
-        )
+        close(engine.input_vjp(spec, grad_output, w, x.shape[2:],
+                               simplified=simplified), gx)
+        close(engine.input_vjp(spec, grad_outputs, w, x.shape[2:], vectors=True,
+                               simplified=simplified), input_vjps(layer, grad_outputs))
+        close(engine.weight_vjp(spec, x, grad_output, simplified=simplified,
+                                route="tn"), gw)
+        close(engine.per_sample_weight_vjp(spec, x, grad_outputs, vectors=True,
+                                           simplified=simplified, route="tn"),
+              per_sample_w)
     if spec.ndim <= 3:
         close(engine.weight_vjp(spec, x, grad_output, route="torch"), gw)
-        close(
-            engine.input_vjp(
-                spec, grad_outputs, w, x.shape[2:], vectors=True, route="torch"
-            ),
-            input_vjps(layer, grad_outputs),
-        )
+        close(engine.input_vjp(spec, grad_outputs, w, x.shape[2:], vectors=True,
+                               route="torch"), input_vjps(layer, grad_outputs))
     routes = ("shifted", "auto") if spec.transposed else ("shifted", "unfold", "auto")
     routes += ("grouped",) if spec.ndim <= 3 else ()
     for route in routes:
-        close(
-            engine.per_sample_weight_vjp(
-                spec, x, grad_outputs, vectors=True, route=route
-            ),
-            per_sample_w,
-        )
+        close(engine.per_sample_weight_vjp(spec, x, grad_outputs, vectors=True,
+                                           route=route), per_sample_w)
     if layer.bias is not None:
         close(engine.bias_vjp(spec, grad_output), gb)
-        close(
-            engine.bias_vjp(spec, grad_outputs, vectors=True, per_sample=True),
-            per_sample_b,
-        )
+        close(engine.bias_vjp(spec, grad_outputs, vectors=True, per_sample=True),
+              per_sample_b)
 
 
 def check_patches_and_factors(case):
@@ -108,10 +87,8 @@ def check_patches_and_factors(case):
     close(y, layer.output())
     sqrt_ggn = layer.random_output_like(2)
     for approx in ("expand", "reduce"):
-        close(
-            engine.kfac_output_factor(spec, sqrt_ggn, approx),
-            kfac_output_reference(sqrt_ggn, spec.groups, approx),
-        )
+        close(engine.kfac_output_factor(spec, sqrt_ggn, approx),
+              kfac_output_reference(sqrt_ggn, spec.groups, approx))
 
 
 def check_squares(case, route, simplified, vectors, per_sample, sum_weight):
@@ -120,14 +97,8 @@ def check_squares(case, route, simplified, vectors, per_sample, sum_weight):
     grad_output = layer.random_output_like(*lead)
     per_sample_w, _ = per_sample_grads(layer, grad_output, vectors)
     result = engine.weight_vjp_squares(
-        layer.spec,
-        layer.x,
-        grad_output,
-        vectors=vectors,
-        per_sample=per_sample,
-        sum_weight=sum_weight,
-        route=route,
-        simplified=simplified,
+        layer.spec, layer.x, grad_output, vectors=vectors, per_sample=per_sample,
+        sum_weight=sum_weight, route=route, simplified=simplified,
     )
     close(result, squares_reference(per_sample_w, vectors, per_sample, sum_weight))
 

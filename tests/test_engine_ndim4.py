@@ -47,14 +47,8 @@ def test_adjoint_transposed_convolution_matches_torch(ndim):
     output_padding = [1, 2, 1][:ndim]
     conv_transpose = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
     expected = conv_transpose[ndim - 1](
-        x,
-        w,
-        b,
-        stride=stride,
-        padding=padding,
-        output_padding=output_padding,
-        groups=2,
-        dilation=dilation,
+        x, w, b, stride=stride, padding=padding, output_padding=output_padding,
+        groups=2, dilation=dilation,
     )
     actual = conv_transpose_nd(
         x, w, b, stride, padding, dilation, 2, expected.shape[2:]

@@ -23,13 +23,8 @@ def check_squares(name, route, simplified):
         grad_output, per_sample_grads, _ = cached_per_sample_grads(name, vectors)
         for per_sample, sum_weight in REDUCTIONS:
             result = engine.weight_vjp_squares(
-                layer.spec,
-                layer.x,
-                grad_output,
-                vectors=vectors,
-                per_sample=per_sample,
-                sum_weight=sum_weight,
-                route=route,
+                layer.spec, layer.x, grad_output, vectors=vectors,
+                per_sample=per_sample, sum_weight=sum_weight, route=route,
                 simplified=simplified,
             )
             expected = squares_reference(
