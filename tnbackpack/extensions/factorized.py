@@ -94,16 +94,14 @@ class Stage:
     def pull_back(self, carried: Tensor, vectors: bool) -> Tensor:
         """Input VJP of ``carried [(V,) N, C_out, *O]`` (stage layout).
 
-        PyTorch's kernel wherever it exists: the engine's ``auto`` rule sends
-        1×1 stride-1 layers to the network, measured 2-9x slower than the
-        kernel for these stages (CP rank 16, 64 channels, 32², N=32; one
-        vector 19 vs 2 ms, ten vectors 140 vs 38 ms).
+        1×1 stride-1 stages are a plain matrix product (see ``is_pointwise``);
+        the others take the engine's ``auto`` route, which uses PyTorch's
+        kernel for overlapping kernels and measures the windowed ones.
         """
-        if is_pointwise(self.spec):  # a matrix product (see is_pointwise)
+        if is_pointwise(self.spec):
             return pointwise_input_vjp(self.spec, carried, self.weight)
-        route = "torch" if torch_routes.supports(self.spec) else "tn"
         return functional.input_vjp(
-            self.spec, carried, self.weight, self.x.shape[2:], vectors, route=route
+            self.spec, carried, self.weight, self.x.shape[2:], vectors, route="auto"
         )
 
 
