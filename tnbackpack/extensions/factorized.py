@@ -26,10 +26,12 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Protocol, Tuple
 
+from backpack.context import CTX
 from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.module_extension import ModuleExtension
 from torch import Tensor
 
+from ..nn import factorized_conv
 from ..nn.factorizations import Factor
 from ..nn.factorized_conv import FACTORIZED_CONV_TYPES, FactorizedConvNd
 from ..nn.stages import (
@@ -50,6 +52,9 @@ from .kronecker import bias_factors, is_kfra, kfac_approx_of, weight_factors
 from .layer import subsample
 
 Grads = Tuple[Optional[Tensor], ...]
+
+#: BackPACK's private store of an extension's module extensions.
+_STORED = "_BackpropExtension__module_extensions"
 
 
 class ConvQuantity(Protocol):
@@ -315,6 +320,8 @@ class FactorizedConvExtension(ModuleExtension):
                 "backpropagated quantity, but none arrived at the layer output"
             )
         carried = backproped if expects else subsample(g_out[0], ext.get_subsampling())
+        if not expects and self._from_backward(ext, module, carried, g_out):
+            return
         to_input = expects and module.input0.requires_grad
         carried = self._walk(ext, module, carried, to_input)
         if to_input:
@@ -362,6 +369,43 @@ class FactorizedConvExtension(ModuleExtension):
                 carried = rule.view(rule.pull_back(stage, carried), layer_ndim)
         return carried
 
+    def _from_backward(
+        self,
+        ext: BackpropExtension,
+        module: FactorizedConvNd,
+        grad_output: Tensor,
+        g_out: Grads,
+    ) -> bool:
+        """Store first-order quantities from the backward's per-sample gradients.
+
+        The layer's backward made them (contractions of the layer's network
+        that keep the batch letter, at about the cost of the ordinary
+        gradients, see :func:`wants_per_sample_gradients`), or they are made
+        here for it when this hook runs first (the layer input needs no
+        gradient); ``False`` if neither can be (e.g. under
+        ``create_graph=True``): the stage walk runs then.
+        """
+        if not isinstance(self.rule, FirstOrderRule):
+            return False
+        # the full output gradient: the layer's backward sums all samples
+        grads = module.per_sample_factor_gradients(g_out[0])
+        if grads is None:
+            return False
+        params = [getattr(module, f.name) for f in module.factor_plan()]
+        if any(_trainable(p) and g is None for p, g in zip(params, grads)):
+            return False
+        conv_rule = self.rule.conv_rule
+        samples = ext.get_subsampling()
+        if _trainable(module.bias):
+            spec = module.dense_spec()
+            per_sample = functional.bias_vjp(spec, grad_output, per_sample=True)
+            _save(ext, module.bias, conv_rule.bias_quantity(per_sample))
+        for param, grad in zip(params, grads):
+            if _trainable(param):
+                grad = subsample(grad, samples)
+                _save(ext, param, conv_rule.per_sample_quantity(grad))
+        return True
+
     def _dense_route(
         self, module: FactorizedConvNd, x: Tensor, carried: Any, to_input: bool
     ) -> bool:
@@ -408,6 +452,28 @@ def _save(ext: BackpropExtension, param: Tensor, value: Any) -> None:
     setattr(param, ext.savefield, value)
 
 
+def wants_per_sample_gradients(module: FactorizedConvNd) -> bool:
+    """Whether an active extension computes first-order quantities of ``module``.
+
+    Asked by the layer's backward (``nn.factorized_conv.PER_SAMPLE_WANTED``):
+    it then returns per-sample factor gradients, from which every first-order
+    quantity follows, instead of the stage walk recomputing them.
+    """
+    factorized_dense.check_route()
+    if factorized_dense.ROUTE not in ("auto", "backward"):
+        return False
+    for ext in CTX.get_active_exts():
+        rule = getattr(ext, _STORED, {}).get(type(module))
+        if isinstance(rule, FactorizedConvExtension) and isinstance(
+            rule.rule, FirstOrderRule
+        ):
+            return True
+    return False
+
+
+factorized_conv.PER_SAMPLE_WANTED = wants_per_sample_gradients
+
+
 def use_for_factorized(ext: BackpropExtension, rule: StageRule) -> None:
     """Register ``rule`` for every ``FactorizedConv{1,2,3}d`` of ``ext``."""
     module_extension = FactorizedConvExtension(rule)
@@ -415,4 +481,8 @@ def use_for_factorized(ext: BackpropExtension, rule: StageRule) -> None:
         ext.set_module_extension(layer, module_extension, overwrite=True)
 
 
-__all__ = ["FactorizedConvExtension", "use_for_factorized"]
+__all__ = [
+    "FactorizedConvExtension",
+    "use_for_factorized",
+    "wants_per_sample_gradients",
+]

@@ -36,9 +36,15 @@ from torch import Tensor
 from ..nn.factorized_conv import FactorizedConvNd
 from ..tn import functional
 
-#: ``"auto"`` (FLOP count), ``"walk"`` or ``"dense"``: the BatchGrad route.
+#: The route of first-order extensions (BatchGrad, BatchL2Grad,
+#: SumGradSquared, Variance) on factorized layers: ``"auto"`` takes the
+#: per-sample gradients the layer's own backward makes (``"backward"``, see
+#: :func:`.factorized.wants_per_sample_gradients`) and, where it made none
+#: (``create_graph=True``), the cheaper of ``"walk"`` and ``"dense"`` by the
+#: counts below. ``"walk"`` and ``"dense"`` force those (``"dense"`` is for
+#: BatchGrad; the others then walk).
 ROUTE = "auto"
-ROUTES = ("auto", "walk", "dense")
+ROUTES = ("auto", "backward", "walk", "dense")
 
 _CHOICES: Dict[Hashable, str] = {}
 
@@ -112,14 +118,19 @@ def walk_cost(module: FactorizedConvNd, batch: int, x_shape: Tuple[int, ...]) ->
     return cost
 
 
-def choose(module: FactorizedConvNd, x: Tensor, grad_output: Tensor) -> str:
-    """``"dense"`` or ``"walk"``: :data:`ROUTE`, or the cheaper one by the counts."""
+def check_route() -> None:
+    """Raise for a :data:`ROUTE` that is not one of :data:`ROUTES`."""
     if ROUTE not in ROUTES:
         raise ValueError(
             f"tnbackpack.extensions.factorized_dense.ROUTE must be one of {ROUTES}, "
             f"got {ROUTE!r}"
         )
-    if ROUTE != "auto":
+
+
+def choose(module: FactorizedConvNd, x: Tensor, grad_output: Tensor) -> str:
+    """``"dense"`` or ``"walk"``: :data:`ROUTE`, or the cheaper one by the counts."""
+    check_route()
+    if ROUTE in ("walk", "dense"):
         return ROUTE
     # the counts call opt_einsum's path search (about 0.3-0.8 ms): once per
     # layer structure and shapes

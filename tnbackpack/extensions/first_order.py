@@ -96,6 +96,14 @@ class _ConvModuleExtension(FirstOrderModuleExtension):
         """The bias's quantity from the per-sample bias gradients ``[N, C_out]``."""
         raise NotImplementedError
 
+    def per_sample_quantity(self, per_sample: Tensor) -> Tensor:
+        """A parameter's quantity from its per-sample gradients ``[N, *param]``.
+
+        Factorized layers get their factors' per-sample gradients from the
+        layer's backward (:mod:`.factorized`).
+        """
+        raise NotImplementedError
+
 
 class BatchGradConv(_ConvModuleExtension):
     """Per-sample gradients ``[N, *param]`` (``grad_batch``)."""
@@ -112,6 +120,10 @@ class BatchGradConv(_ConvModuleExtension):
         """``[N, C_out]``."""
         return per_sample
 
+    def per_sample_quantity(self, per_sample: Tensor) -> Tensor:
+        """``[N, *param]``."""
+        return per_sample
+
 
 class BatchL2GradConv(_ConvModuleExtension):
     """Squared norms of the per-sample gradients ``[N]`` (``batch_l2``)."""
@@ -126,6 +138,10 @@ class BatchL2GradConv(_ConvModuleExtension):
         """``[N]``."""
         return per_sample.square().sum(1)
 
+    def per_sample_quantity(self, per_sample: Tensor) -> Tensor:
+        """``[N]``."""
+        return per_sample.flatten(1).square().sum(1)
+
 
 class SumGradSquaredConv(_ConvModuleExtension):
     """Sum over samples of the squared per-sample gradients (``sum_grad_squared``)."""
@@ -136,6 +152,10 @@ class SumGradSquaredConv(_ConvModuleExtension):
 
     def bias_quantity(self, per_sample: Tensor) -> Tensor:
         """``[C_out]``."""
+        return per_sample.square().sum(0)
+
+    def per_sample_quantity(self, per_sample: Tensor) -> Tensor:
+        """Param-shaped."""
         return per_sample.square().sum(0)
 
 
@@ -158,6 +178,10 @@ class VarianceConv(_ConvModuleExtension):
 
     def bias_quantity(self, per_sample: Tensor) -> Tensor:
         """``[C_out]``."""
+        return self.per_sample_quantity(per_sample)
+
+    def per_sample_quantity(self, per_sample: Tensor) -> Tensor:
+        """Param-shaped."""
         return _variance(
             per_sample.sum(0), per_sample.square().sum(0), per_sample.shape[0]
         )

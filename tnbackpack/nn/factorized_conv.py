@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from math import prod
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..tn.conv_einsum import conv_einsum
+from ..tn.conv_einsum import PerSampleRequest, conv_einsum
 from ..tn.spec import ConvSpec, IntOrTuple
 from . import stages
 from .factorizations import Factor, Rank, build_factors, resolve_ranks, spatial_letters
@@ -25,6 +25,11 @@ from .factorizations import Factor, Rank, build_factors, resolve_ranks, spatial_
 __all__ = ["FactorizedConv1d", "FactorizedConv2d", "FactorizedConv3d"]
 
 _DENSE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+#: Set by :mod:`tnbackpack.extensions.factorized`: whether the running
+#: backward wants per-sample factor gradients of a layer (an active
+#: first-order extension for it). ``None``: never.
+PER_SAMPLE_WANTED: Optional[Callable[[nn.Module], bool]] = None
 
 
 @lru_cache(maxsize=256)
@@ -215,15 +220,30 @@ class FactorizedConvNd(nn.Module):
         Twice differentiable, as conv_einsum is.
         """
         self._check_input(x)
-        out = self._by_einsum(x, self.factor_tensors())
+        # a BackPACK-extended layer may be asked for per-sample gradients
+        extended = getattr(self, "_backpack_extend", False)
+        out = self._by_einsum(x, self.factor_tensors(), per_sample=extended)
         if self.bias is not None:
             out = out + self.bias.reshape(-1, *(1,) * self.ndim)
         # the evaluation order may leave a permuted layout; later layers (and
         # BackPACK's rules for them) expect PyTorch's contiguous one
         return out.contiguous()
 
-    def _by_einsum(self, x: Tensor, tensors: Sequence[Tensor]) -> Tensor:
-        """The layer output without bias, by conv_einsum, from given factor tensors."""
+    def _by_einsum(
+        self, x: Tensor, tensors: Sequence[Tensor], per_sample: bool = False
+    ) -> Tensor:
+        """The layer output without bias, by conv_einsum, from given factor tensors.
+
+        With ``per_sample``, the backward computes per-sample factor
+        gradients when :data:`PER_SAMPLE_WANTED` says so for this layer, and
+        leaves them in :attr:`per_sample_request`.
+        """
+        request = None
+        if per_sample:
+            request = PerSampleRequest(
+                "n", tuple(range(1, len(tensors) + 1)), self._per_sample_positions
+            )
+        self.per_sample_request = request
         out = conv_einsum(
             self.equation,
             *self.einsum_operands(x, tensors),
@@ -231,8 +251,49 @@ class FactorizedConvNd(nn.Module):
             padding=self.padding,
             dilation=self.dilation,
             padding_mode=self.padding_mode,
+            per_sample=request,
         )
         return out.flatten(1, 2) if self.groups > 1 else out
+
+    def _per_sample_positions(self) -> Tuple[int, ...]:
+        """Factor operands whose per-sample gradients the backward should make."""
+        if PER_SAMPLE_WANTED is None or not PER_SAMPLE_WANTED(self):
+            return ()
+        return tuple(range(1, len(self.factor_plan()) + 1))
+
+    def per_sample_factor_gradients(
+        self, grad_output: Optional[Tensor] = None
+    ) -> Optional[List[Tensor]]:
+        """Per-sample factor gradients ``[N, *factor]`` of the last backward.
+
+        Left by the last backward of the last forward if it made them (a
+        BackPACK-extended layer inside a tnbackpack first-order extension's
+        context), in the order of the equation; ``None`` otherwise.
+
+        Args:
+            grad_output: The output gradient ``[N, C_out, *O]`` of the running
+                backward, if it has not reached the layer's contraction yet
+                (BackPACK's hook of a layer whose input needs no gradient fires
+                first): the per-sample gradients are made now and the
+                contraction's backward returns their sums.
+        """
+        request = getattr(self, "per_sample_request", None)
+        if request is None:
+            return None
+        if request.gradients is None and grad_output is not None:
+            if not torch.is_grad_enabled():  # create_graph: walk differentiably
+                if self.groups > 1:
+                    grad_output = grad_output.unflatten(1, (self.groups, -1))
+                request.compute(grad_output)
+        grads = request.gradients
+        if grads is None:
+            return None
+        plan = self.factor_plan()
+        batch = next(iter(grads.values())).shape[0]
+        return [
+            None if k + 1 not in grads else grads[k + 1].reshape(batch, *f.shape)
+            for k, f in enumerate(plan)
+        ]
 
     def forward_stages(self, x: Tensor) -> Tensor:
         """The layer output computed stage by stage (ordinary convolutions)."""

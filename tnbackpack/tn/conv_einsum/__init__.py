@@ -5,9 +5,17 @@ CP-factorized ``Conv2d``. Modules: :mod:`.grammar` (parse), :mod:`.semantics`
 (letters, hyper-parameters, the network of legs), :mod:`.legs` (merged legs of
 intermediates), :mod:`.planner` (order and kernel per step, cost model),
 :mod:`.steps` (the kernels), :mod:`.evaluate` (run a plan), :mod:`.function`
-(autograd), :mod:`.api` (the public functions).
+(autograd), :mod:`.per_sample` (per-sample gradients), :mod:`.api` (the public
+functions).
 """
 
 from .api import PathInfo, PathStep, conv_einsum, conv_einsum_path
+from .per_sample import PerSampleRequest
 
-__all__ = ["PathInfo", "PathStep", "conv_einsum", "conv_einsum_path"]
+__all__ = [
+    "PathInfo",
+    "PathStep",
+    "PerSampleRequest",
+    "conv_einsum",
+    "conv_einsum_path",
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -12,6 +12,7 @@ from torch import Tensor
 from ..pattern import source_positions
 from .grammar import parse
 from .legs import members
+from .per_sample import PerSampleRequest
 from .planner import Contraction, plan
 from .semantics import Hyper, Letter, Network, describe
 
@@ -39,19 +40,15 @@ def _check_operands(operands: Sequence) -> None:
             )
 
 
-def _pad_signal(
-    x: Tensor, dim: int, spec: Letter, letter: str, padding_mode: str
-) -> Tensor:
-    """Pad one dimension of a signal the way ``padding_mode`` reads outside."""
+def _read_positions(spec: Letter, letter: str, padding_mode: str) -> Tensor:
+    """Per padded position of a signal, the real position ``padding_mode`` reads."""
     left, right = spec.padding
-    if left == 0 and right == 0:
-        return x
     virtual = torch.arange(-left, spec.input_size + right)
     try:
         real, _ = source_positions(virtual, spec.input_size, padding_mode)
     except ValueError as error:
         raise ValueError(f"conv_einsum: letter {letter!r}: {error}") from None
-    return x.index_select(dim, real.to(x.device))
+    return real
 
 
 def _freeze(value):
@@ -106,6 +103,7 @@ def conv_einsum(
     dilation: Hyper = 1,
     padding_mode: str = "zeros",
     optimize: str = "auto",
+    per_sample: Optional[PerSampleRequest] = None,
 ) -> Tensor:
     """Evaluate an einsum string with convolution letters.
 
@@ -127,6 +125,10 @@ def conv_einsum(
         padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or
             ``'circular'``.
         optimize: ``'auto'``: plan by the cost model.
+        per_sample: Asks the backward for per-sample gradients of some
+            operands (:class:`~tnbackpack.tn.conv_einsum.PerSampleRequest`):
+            it fills ``per_sample.gradients`` with ``[N, *operand]`` tensors,
+            at about the cost of the ordinary gradients, which are their sums.
 
     Returns:
         The result, differentiable with respect to every operand.
@@ -142,19 +144,51 @@ def conv_einsum(
         padding_mode, optimize,
     )  # fmt: skip
     operands = list(operands)
+    if per_sample is not None:
+        _check_request(per_sample, network)
+        per_sample.folds = []
     if padding_mode != "zeros":
         subscripts = parse(equation).inputs
         for letter, spec in letters.items():
-            signal = spec.signal
-            operands[signal] = _pad_signal(
-                operands[signal], subscripts[signal].index(letter), spec, letter,
-                padding_mode,
-            )  # fmt: skip
+            if spec.padding == (0, 0):
+                continue
+            signal, dim = spec.signal, subscripts[spec.signal].index(letter)
+            real = _read_positions(spec, letter, padding_mode)
+            real = real.to(operands[signal].device)
+            operands[signal] = operands[signal].index_select(dim, real)
+            if per_sample is not None and signal in per_sample.candidates:
+                per_sample.folds.append((signal, dim, real, spec.input_size))
     from .function import ConvEinsum, evaluate
 
     if not (torch.is_grad_enabled() and any(op.requires_grad for op in operands)):
         return evaluate(network, *operands)
-    return ConvEinsum.apply(network, *operands)
+    return ConvEinsum.apply(network, per_sample, *operands)
+
+
+def _check_request(request: PerSampleRequest, network: Network) -> None:
+    """Per-sample gradients need the batch letter in the output, not the operand."""
+    if not isinstance(request, PerSampleRequest):
+        raise ValueError(
+            f"conv_einsum: per_sample must be a PerSampleRequest, got "
+            f"{type(request).__name__}"
+        )
+    output = network.subscripts[network.output_node]
+    if request.batch not in output:
+        raise ValueError(
+            f"conv_einsum: per_sample batch letter {request.batch!r} is not in the "
+            f"output {output!r}"
+        )
+    for position in request.candidates:
+        if not 0 <= position < network.output_node:
+            raise ValueError(
+                f"conv_einsum: per_sample names operand {position}, but there are "
+                f"{network.output_node} operands"
+            )
+        if request.batch in network.subscripts[position]:
+            raise ValueError(
+                f"conv_einsum: operand {position} holds the batch letter "
+                f"{request.batch!r}: it has no per-sample gradient"
+            )
 
 
 @dataclass(frozen=True)

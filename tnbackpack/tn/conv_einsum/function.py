@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from .evaluate import execute
-from .planner import plan
+from .per_sample import plan_mixed, run_mixed
+from .planner import Plan, plan
 from .semantics import Network
 
 
@@ -36,22 +37,35 @@ def evaluate(network: Network, *operands: Tensor) -> Tensor:
 
 
 class ConvEinsum(torch.autograd.Function):
-    """``forward(ctx, network, *operands)`` -> the output node's tensor."""
+    """``forward(ctx, network, request, *operands)`` -> the output node's tensor.
+
+    ``request`` (a :class:`.per_sample.PerSampleRequest` or ``None``) may ask
+    the backward for per-sample gradients of some operands: they replace the
+    ordinary gradient contractions of those operands (their sums over the
+    batch are returned as the gradients) and are handed to the request.
+    """
 
     @staticmethod
-    def forward(ctx, network: Network, *operands: Tensor) -> Tensor:  # noqa: D102
-        wanted = tuple(i for i, need in enumerate(ctx.needs_input_grad[1:]) if need)
+    def forward(ctx, network: Network, request, *operands: Tensor) -> Tensor:  # noqa: D102
+        wanted = tuple(i for i, need in enumerate(ctx.needs_input_grad[2:]) if need)
         itemsize = operands[0].element_size()
         chosen = plan(network, itemsize, wanted)
         store = {}
         with torch.no_grad():
             output = execute(network, chosen.forward, dict(enumerate(operands)), store)
         if wanted:
-            masks = sorted(chosen.saved)
+            masks = set(chosen.saved)
+            if request is not None:
+                masks |= _per_sample_saved(network, itemsize, wanted, request, chosen)
+            masks = sorted(masks)
             ctx.masks = masks
             ctx.letters = [store[m][1] for m in masks]
-            ctx.network, ctx.plan = network, chosen
+            ctx.network, ctx.plan, ctx.request = network, chosen, request
             ctx.save_for_backward(*operands, *(store[m][0] for m in masks))
+            if request is not None:
+                kept = {m: store[m] for m in masks}
+                request.context = (network, itemsize, wanted, operands, kept)
+                request.ahead = request.gradients = None
         return output
 
     @staticmethod
@@ -60,16 +74,53 @@ class ConvEinsum(torch.autograd.Function):
         count = len(network.subscripts) - 1
         saved = ctx.saved_tensors
         operands, kept = saved[:count], saved[count:]
+        needs = ctx.needs_input_grad[2:]
+        request = ctx.request
+        ahead = {}
+        if request is not None:
+            request.context = None  # the saved tensors are the graph's again
+            ahead = request.take_ahead(grad_output)
+            if not ahead:
+                request.gradients = None  # never those of an earlier backward
         if torch.is_grad_enabled():  # create_graph=True
-            needs = ctx.needs_input_grad[1:]
-            return (None, *_recorded_gradients(ctx, operands, needs, grad_output))
+            return (None, None, *_recorded_gradients(ctx, operands, needs, grad_output))
         store = {m: (t, c) for m, t, c in zip(ctx.masks, kept, ctx.letters)}
         tensors = dict(enumerate(operands))
         tensors[network.output_node] = grad_output
         grads = [None] * count
-        for contraction in ctx.plan.gradients:
-            grads[contraction.node] = execute(network, contraction, tensors, store)
-        return (None, *grads)
+        wanted = tuple(i for i, need in enumerate(needs) if need)
+        asked = set(ahead) or (set(request.positions()) if request else set())
+        per_sample = tuple(i for i in wanted if i in asked and i not in ahead)
+        if not asked:
+            for contraction in ctx.plan.gradients:
+                grads[contraction.node] = execute(network, contraction, tensors, store)
+            return (None, None, *grads)
+        summed = tuple(i for i in wanted if i not in asked)
+        tasks, _ = plan_mixed(
+            network, operands[0].element_size(), summed, per_sample,
+            request.batch, frozenset(ctx.masks),
+        )  # fmt: skip
+        results = run_mixed(network, tasks, tensors, store)
+        if per_sample:
+            request.deliver({i: results[i] for i in per_sample})
+        results.update(ahead)
+        for i, result in results.items():
+            grads[i] = result.sum(0) if i in asked else result
+        return (None, None, *grads)
+
+
+def _per_sample_saved(
+    network: Network, itemsize: int, wanted: Tuple[int, ...], request, chosen: Plan
+) -> set:
+    """Forward intermediates a per-sample backward of ``request`` would reuse."""
+    candidates = set(request.candidates)
+    per_sample = tuple(i for i in wanted if i in candidates)
+    if not per_sample:
+        return set()
+    summed = tuple(i for i in wanted if i not in candidates)
+    free = frozenset(step.result for step in chosen.forward.steps)
+    _, used = plan_mixed(network, itemsize, summed, per_sample, request.batch, free)
+    return set(used)
 
 
 def _recorded_gradients(

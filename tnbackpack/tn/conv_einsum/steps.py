@@ -22,6 +22,7 @@ a kernel of size 1, which avoids moving them into the batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -230,6 +231,24 @@ def _weight_gradient(lay: Layout, a, la, b, lb, n) -> Tuple[Tensor, str]:
     ``b`` (the larger side) is the output gradient, ``a`` the input, the
     result the "weight".
     """
+    loop = _loop_letter(lay, a, la, b, lb)
+    if loop:
+        # per-sample weight gradients (a kept batch letter among the groups)
+        # of channels-last tensors: one kernel call per sample reads both in
+        # place, where merging the letter into the groups would copy them
+        inner = dataclasses.replace(lay, group=lay.group.replace(loop, ""))
+        counts = dict(n, group=n["group"] // a.shape[la.index(loop)])
+        la_rest, lb_rest = la.replace(loop, ""), lb.replace(loop, "")
+        slices = [
+            _weight_gradient(
+                inner, a.select(la.index(loop), i), la_rest,
+                b.select(lb.index(loop), i), lb_rest, counts,
+            )[0]
+            for i in range(a.shape[la.index(loop)])
+        ]  # fmt: skip
+        return torch.stack(slices), loop + inner.group + lay.cout + lay.batch + (
+            lay.spatial
+        )
     num = len(lay.spatial)
     x = _arrange(a, la, lay.cin + lay.group + lay.batch + lay.spatial)
     x = x.reshape(n["cin"], n["group"] * n["batch"], *lay.in_sizes)
@@ -247,6 +266,21 @@ def _weight_gradient(lay: Layout, a, la, b, lb, n) -> Tuple[Tensor, str]:
         False, [0] * num, n["group"], [False, True, False],
     )[1]  # fmt: skip
     return y, lay.group + lay.cout + lay.batch + lay.spatial
+
+
+def _loop_letter(lay: Layout, a: Tensor, la: str, b: Tensor, lb: str) -> str:
+    """A group letter outermost in memory on both sides, if merging copies.
+
+    ``""`` when the groups can be viewed as one dimension of both sides.
+    """
+    if len(lay.group) < 2:
+        return ""
+    first = memory_order(a, la)[0]
+    if first not in lay.group or memory_order(b, lb)[0] != first:
+        return ""
+    merged_a = _viewable(a, la, (lay.cin, lay.group + lay.batch))
+    merged_b = _viewable(b, lb, (lay.cin, lay.group + lay.cout))
+    return "" if merged_a and merged_b else first
 
 
 def _transposed(lay: Layout, a, la, b, lb, n) -> Tuple[Tensor, str]:
@@ -436,6 +470,10 @@ def run_matmul(
     if a.numel() < b.numel():
         a, la, b, lb = b, lb, a, la
     contracted = "".join(c for c in la if c in lb and c not in out)
+    if contracted and any(c in lb and c in out for c in la):
+        kept = _kept_batch(a, la, b, lb, out)
+        if kept is not None:
+            return kept
     if not contracted or any(c in lb and c in out for c in la):
         return torch.einsum(f"{la},{lb}->{out}", a, b), out
     if onednn:
@@ -457,6 +495,39 @@ def run_matmul(
             },
         )[1]
     return _bmm(a, la, b, lb, out, contracted, channels_last)
+
+
+def _kept_batch(a: Tensor, la: str, b: Tensor, lb: str, out: str):
+    """A product whose shared letters kept in ``out`` are the ``bmm`` batch.
+
+    Per-sample gradients are such products (the batch letter is shared and
+    kept, :mod:`.per_sample`). Both operands are read in place when their
+    kept, contracted and free letters each form one block in memory (in the
+    same letter order for the shared groups); otherwise the smaller one is
+    copied into that arrangement. ``None`` when the larger one would need a
+    copy too (``torch.einsum`` then decides).
+    """
+    sizes = dict(zip(la, a.shape))
+    sizes.update(zip(lb, b.shape))
+    order_a, order_b = memory_order(a, la), memory_order(b, lb)
+    free_a = "".join(c for c in order_a if c not in lb)
+    free_b = "".join(c for c in order_b if c not in la)
+    for source in (order_a, order_b):
+        shared = [c for c in source if c in la and c in lb]
+        kept = "".join(c for c in shared if c in out)
+        contracted = "".join(c for c in shared if c not in out)
+        a3 = _batched(a, la, sizes, kept, contracted, free_a)
+        if a3 is None:
+            continue
+        b3 = _batched(b, lb, sizes, kept, contracted, free_b)
+        if b3 is None:
+            b3 = _arrange(b, lb, kept + free_b + contracted).reshape(
+                _count(sizes, kept), _count(sizes, free_b), _count(sizes, contracted)
+            )
+        result = torch.bmm(a3, b3.transpose(1, 2))
+        letters = kept + free_a + free_b
+        return result.view([sizes[c] for c in letters]), letters
+    return None
 
 
 def _block_order(t: Tensor, letters: str) -> Optional[str]:
