@@ -158,11 +158,11 @@ def conv_einsum(
             operands[signal] = operands[signal].index_select(dim, real)
             if per_sample is not None and signal in per_sample.candidates:
                 per_sample.folds.append((signal, dim, real, spec.input_size))
-    from .function import ConvEinsum, evaluate
+    from .function import differentiable, evaluate
 
     if not (torch.is_grad_enabled() and any(op.requires_grad for op in operands)):
         return evaluate(network, *operands)
-    return ConvEinsum.apply(network, per_sample, *operands)
+    return differentiable(network, per_sample, *operands)
 
 
 def _check_request(request: PerSampleRequest, network: Network) -> None:
