@@ -1,11 +1,13 @@
-"""BatchGrad of factorized layers by the stage walk and by the dense route.
+"""BatchGrad of factorized layers by each route.
 
 ``python -m tnbackpack.benchmark.factorized_routes [--repeats 7]``. For the
 rows of :mod:`.factorized` and four layers whose ranks are large relative to
 their channels (batch 32, one thread), interleaved medians of the BatchGrad
-step with :data:`..extensions.factorized_dense.ROUTE` forced to ``walk`` and
-to ``dense``, beside ``torch.func`` on the rebuilt kernel, and the route the
-cost count (``auto``) picks.
+step with :data:`..extensions.factorized_dense.ROUTE` forced to ``backward``
+(per-sample gradients from the layer's own backward, the default), ``walk``
+and ``dense``, beside ``torch.func`` on the rebuilt kernel, and the route the
+cost count picks between walk and dense where the backward makes none
+(``create_graph=True``).
 """
 
 from __future__ import annotations
@@ -40,17 +42,18 @@ def _forced(setup: Setup, route: str) -> Callable[[], None]:
 
 
 def row(case: FactorizedCase, batch: int, repeats: int) -> str:
-    """One line: the case, the ``auto`` choice and the three medians."""
+    """One line: the case, the walk/dense count's choice and the four medians."""
     setup = Setup(case, batch)
     auto = factorized_dense.choose(setup.model[0], setup.x, setup.x)
     variants = {
+        "backward": _forced(setup, "backward"),
         "walk": _forced(setup, "walk"),
         "dense": _forced(setup, "dense"),
         "torch.func": setup.per_sample_gradients,
     }
     timings = time_interleaved(variants, setup.clear, repeats)
     cells = "  ".join(f"{name} {timings.median_ms(name):6.1f} ms" for name in variants)
-    return f"{case.name:22s} auto={auto:5s}  {cells}"
+    return f"{case.name:22s} count={auto:5s}  {cells}"
 
 
 def main(argv: Optional[List[str]] = None) -> None:
