@@ -91,3 +91,55 @@ def test_bad_route(monkeypatch):
     w = rand(4, 3, 3, 3).requires_grad_()
     with pytest.raises(ValueError, match="BACKWARD must be one of"):
         conv_einsum("nchw,ochw->nohw|hw", x, w)
+
+
+def test_torch_func_transforms():
+    """``grad``, ``vmap(grad)`` and ``jacrev`` of conv_einsum match the rebuilt conv."""
+    from torch.func import grad, jacrev, vmap
+
+    equation, factor_shapes, rebuild = LAYERS["tt"]
+    torch.manual_seed(4)
+    x = rand(3, 3, 6, 5)
+    factors = [rand(*s) for s in factor_shapes(3, 4, 2)]
+
+    def ours(fs, xn):
+        out = conv_einsum(equation, xn[None], *fs, padding=1, stride=(2, 1))
+        return out.square().sum()
+
+    def reference(fs, xn):
+        kernel = torch.einsum(rebuild, *fs)
+        return F.conv2d(xn[None], kernel, padding=1, stride=(2, 1)).square().sum()
+
+    for transform in (grad, jacrev):
+        for got, want in zip(
+            transform(ours)(factors, x[0]), grad(reference)(factors, x[0])
+        ):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    per_sample = vmap(grad(ours), in_dims=(None, 0))(factors, x)
+    expected = vmap(grad(reference), in_dims=(None, 0))(factors, x)
+    for got, want in zip(per_sample, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_factorized_layer_under_vmap_grad():
+    """``vmap(grad)`` through ``functional_call`` of a FactorizedConv2d."""
+    from torch.func import functional_call, grad, vmap
+
+    from tnbackpack.nn import FactorizedConv2d
+
+    torch.manual_seed(5)
+    layer = FactorizedConv2d(4, 6, 3, (2, 3), "tucker", padding=1).double()
+    x = rand(3, 4, 5, 5)
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+
+    def loss(p, xn):
+        return functional_call(layer, p, (xn[None],)).square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for n in range(3):
+        layer.zero_grad()
+        layer(x[n : n + 1]).square().sum().backward()
+        for name, param in layer.named_parameters():
+            torch.testing.assert_close(
+                per_sample[name][n], param.grad, rtol=1e-10, atol=1e-10
+            )

@@ -63,10 +63,23 @@ def recorded(network: Network, *operands: Tensor) -> Tensor:
 
 
 def differentiable(network: Network, request, *operands: Tensor) -> Tensor:
-    """The output, with gradients by the route :data:`BACKWARD` picks."""
+    """The output, with gradients by the route :data:`BACKWARD` picks.
+
+    Under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, …) the
+    recorded route runs: the transforms see PyTorch's own operations, which
+    they know how to differentiate and batch.
+    """
+    if _transformed(operands):
+        return recorded(network, *operands)
     if request is None and backward_route(network, operands) == "recorded":
         return recorded(network, *operands)
     return ConvEinsum.apply(network, request, *operands)
+
+
+def _transformed(operands: Sequence[Tensor]) -> bool:
+    """Whether an operand is a ``torch.func`` transform's wrapper."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(wrapped(op) for op in operands)
 
 
 def backward_route(network: Network, operands: Sequence[Tensor]) -> str:
