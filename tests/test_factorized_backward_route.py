@@ -106,3 +106,58 @@ def test_grad_unchanged(walks):
     assert walks == [] and _layer(model).per_sample_request.gradients is not None
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, plain[name], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_first_layer_hook_makes_them_once(groups, walks, monkeypatch):
+    """Input needing no gradient: the hook makes them, the backward only sums."""
+    from tnbackpack.nn import FactorizedConv2d
+    from tnbackpack.tn.conv_einsum import per_sample
+
+    taken = []
+    original = per_sample.PerSampleRequest.take_ahead
+
+    def spy(self, grad_output):
+        result = original(self, grad_output)
+        taken.append(sorted(result))
+        return result
+
+    monkeypatch.setattr(per_sample.PerSampleRequest, "take_ahead", spy)
+    torch.manual_seed(6)
+    layer = FactorizedConv2d(4, 4, 3, 2, "tt", padding=1, groups=groups).double()
+    model = extend(nn.Sequential(layer, nn.Flatten(), nn.Linear(4 * 36, 3).double()))
+    x = torch.randn(5, 4, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    with backpack(ext.BatchGrad()):
+        extend(nn.CrossEntropyLoss())(model(x), y).backward()
+    assert walks == [] and taken == [[1, 2, 3, 4]]
+    reference = {n: p.grad_batch for n, p in model.named_parameters()}
+    monkeypatch.setattr(factorized_dense, "ROUTE", "walk")
+    model.zero_grad()
+    with backpack(ext.BatchGrad()):
+        extend(nn.CrossEntropyLoss())(model(x), y).backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad_batch, reference[name])
+        torch.testing.assert_close(param.grad, reference[name].sum(0))
+
+
+def test_first_layer_second_backward_not_stale(walks):
+    """A second backward of a retained graph never reads the first one's."""
+    from tnbackpack.nn import FactorizedConv2d
+
+    torch.manual_seed(7)
+    layer = FactorizedConv2d(4, 4, 3, 2, "cp", padding=1).double()
+    model = extend(nn.Sequential(layer, nn.Flatten(), nn.Linear(4 * 36, 3).double()))
+    x = torch.randn(5, 4, 6, 6, dtype=torch.float64)
+    out = model(x)
+    with backpack(ext.BatchGrad(), retain_graph=True):
+        out[:, 0].sum().backward(retain_graph=True)
+        first = layer.factor_tensors()[0].grad_batch.clone()
+        out[:, 1].sum().backward()
+        second = layer.factor_tensors()[0].grad_batch
+    assert walks  # the second takes the walk: the first's gradients are stale
+    assert not torch.allclose(first, second)
+    # the second equals a fresh computation of the second output alone
+    with backpack(ext.BatchGrad()):
+        model(x)[:, 1].sum().backward()
+    torch.testing.assert_close(second, layer.factor_tensors()[0].grad_batch)

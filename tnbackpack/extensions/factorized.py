@@ -387,8 +387,11 @@ class FactorizedConvExtension(ModuleExtension):
         """
         if not isinstance(self.rule, FirstOrderRule):
             return False
-        # the full output gradient: the layer's backward sums all samples
-        grads = module.per_sample_factor_gradients(g_out[0])
+        # with an input needing no gradient this hook runs before the layer's
+        # backward: the per-sample gradients are made here, from the full
+        # output gradient (the layer's backward sums all samples)
+        ahead = not module.input0.requires_grad
+        grads = module.per_sample_factor_gradients(g_out[0] if ahead else None)
         if grads is None:
             return False
         params = [getattr(module, f.name) for f in module.factor_plan()]

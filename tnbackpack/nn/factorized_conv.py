@@ -272,16 +272,21 @@ class FactorizedConvNd(nn.Module):
 
         Args:
             grad_output: The output gradient ``[N, C_out, *O]`` of the running
-                backward, if it has not reached the layer's contraction yet
-                (BackPACK's hook of a layer whose input needs no gradient fires
-                first): the per-sample gradients are made now and the
-                contraction's backward returns their sums.
+                backward, given when it has not reached the layer's
+                contraction yet (BackPACK's hook of a layer whose input needs
+                no gradient fires first): the per-sample gradients are made
+                now, and the contraction's backward returns their sums. Once
+                that backward has run, gradients left from it are not this
+                backward's: ``None`` then.
         """
         request = getattr(self, "per_sample_request", None)
         if request is None:
             return None
-        if request.gradients is None and grad_output is not None:
-            if not torch.is_grad_enabled():  # create_graph: walk differentiably
+        if grad_output is not None:
+            if request.context is None:  # the contraction's backward already ran
+                return None
+            if request.gradients is None and not torch.is_grad_enabled():
+                # (under create_graph the stage walk keeps the graph instead)
                 if self.groups > 1:
                     grad_output = grad_output.unflatten(1, (self.groups, -1))
                 request.compute(grad_output)
