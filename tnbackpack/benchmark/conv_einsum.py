@@ -211,6 +211,16 @@ def _counted_gflop(function: Callable[[], None]) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def _backward_route(equation: str, x: Tensor, factors: Sequence[Tensor]) -> str:
+    """The gradient route conv_einsum took here (measured on its first call)."""
+    from ..tn.conv_einsum import function
+    from ..tn.conv_einsum.api import _prepare
+
+    shapes = [tuple(t.shape) for t in (x, *factors)]
+    network, _ = _prepare(equation, shapes, 1, 1, 1, "zeros", "auto")
+    return function.backward_route(network, [x, *factors])
+
+
 def measure_row(
     name: str, channels: int, size: int, rank: int, batch: int, repeats: int,
     max_seconds: float, log: Callable[[str], None],
@@ -286,6 +296,7 @@ def measure_row(
     plan = " / ".join(
         "+".join(step.operands) + ":" + step.method for step in info.forward
     )
+    plan += f"; backward: {_backward_route(equation, x, factors)}"
     row = Row(
         f"{channels}@{size}²", name, rank, cpu, estimated, counted, plan, check, wall
     )
@@ -350,7 +361,8 @@ def write(rows: List[Row], output: Path, batch: int, threads: int) -> None:
         f"Geometric mean speedup over the best baseline per row: **{geo:.2f}×**; "
         f"slowest row {min(speedups):.2f}×, fastest {max(speedups):.2f}×.",
         "",
-        "Plans (forward steps; operands 0 = x, then the factors in string order):",
+        "Plans (forward steps; operands 0 = x, then the factors in string order; "
+        "the gradient route, planned or recorded, measured on the first call):",
         "",
     ]
     for row in rows:
