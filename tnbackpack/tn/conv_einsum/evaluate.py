@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 from torch import Tensor
 
@@ -81,6 +81,7 @@ def execute(
     plan: Contraction,
     tensors: Mapping[int, Tensor],
     store: Dict[int, Named],
+    nchw: Optional[bool] = None,
 ) -> Tensor:
     """Contract all nodes but ``plan.node`` into it; result in its layout.
 
@@ -90,6 +91,8 @@ def execute(
         tensors: Tensor of every node taking part.
         store: Intermediates by node set: read where the plan reuses them,
             written by every step.
+        nchw: Keep the caller's ``nchw`` order and run channel products as
+            1×1 convolutions (``None``: by :func:`onednn_layout`).
     """
     node = plan.node
     everyone = (1 << len(network.subscripts)) - 1
@@ -98,7 +101,7 @@ def execute(
         (only,) = [i for i in range(len(network.subscripts)) if full >> i & 1]
         result = leaf(network, only, tensors[only], target(network, node, full))
     else:
-        onednn = onednn_layout(network)
+        onednn = onednn_layout(network) if nchw is None else nchw
         for step in plan.steps:
             operands = []
             for mask in (step.left, step.right):

@@ -20,7 +20,7 @@ differentiable through PyTorch's own kernels.
 from __future__ import annotations
 
 import time
-from typing import Dict, Hashable, Sequence, Tuple
+from typing import Dict, Hashable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -34,13 +34,15 @@ from .semantics import Network
 #: gradient its own planned contraction), ``"recorded"`` (autograd records the
 #: forward plan's kernels and runs their backward kernels: PyTorch's
 #: convolution backward computes a stage's input and weight gradients in one
-#: call), or ``"auto"``: the faster of the two, measured once per network and
-#: set of operands needing gradients (above :data:`MEASURE_ABOVE`; planned
-#: below). Measured (``python -m tnbackpack.benchmark --conv-einsum``, batch
-#: 32, one thread): recorded 3-13% faster on the 7² rows of ResNet-34 shapes
-#: and on some 14² ones, planned up to 1.9x faster at 56² (CP, Tucker-2).
+#: call), ``"recorded_nchw"`` (the same with channel products as 1×1
+#: convolutions in ``nchw`` order, the stage sequence's kernels), or
+#: ``"auto"``: the fastest, measured once per network and set of operands
+#: needing gradients (above :data:`MEASURE_ABOVE`; planned below). On the
+#: benchmark's ResNet-34 shapes (``python -m tnbackpack.benchmark
+#: --conv-einsum``, batch 32, one thread) a recorded route wins on most 7² and
+#: 14² layers, the planned one on CP and Tucker-2 at 56² and 28².
 BACKWARD = "auto"
-BACKWARDS = ("auto", "planned", "recorded")
+BACKWARDS = ("auto", "planned", "recorded", "recorded_nchw")
 #: Networks whose planned forward is estimated below this (seconds) are not
 #: measured: the planned backward wins or the difference does not matter.
 MEASURE_ABOVE = 2e-3
@@ -56,10 +58,17 @@ def evaluate(network: Network, *operands: Tensor) -> Tensor:
     return execute(network, chosen.forward, dict(enumerate(operands)), {})
 
 
-def recorded(network: Network, *operands: Tensor) -> Tensor:
-    """The forward plan run under autograd (its kernels' backward is the gradient)."""
+def recorded(
+    network: Network, *operands: Tensor, nchw: Optional[bool] = None
+) -> Tensor:
+    """The forward plan run under autograd (its kernels' backward is the gradient).
+
+    ``nchw`` as for :func:`.evaluate.execute`: ``True`` runs a stage
+    sequence's channel products as the sequence does (1×1 convolutions in the
+    caller's ``nchw`` order), so autograd runs their fused backward kernels.
+    """
     chosen = plan(network, operands[0].element_size())
-    return execute(network, chosen.forward, dict(enumerate(operands)), {})
+    return execute(network, chosen.forward, dict(enumerate(operands)), {}, nchw)
 
 
 def differentiable(network: Network, request, *operands: Tensor) -> Tensor:
@@ -71,8 +80,11 @@ def differentiable(network: Network, request, *operands: Tensor) -> Tensor:
     """
     if _transformed(operands):
         return recorded(network, *operands)
-    if request is None and backward_route(network, operands) == "recorded":
+    route = "planned" if request is not None else backward_route(network, operands)
+    if route == "recorded":
         return recorded(network, *operands)
+    if route == "recorded_nchw":
+        return recorded(network, *operands, nchw=True)
     return ConvEinsum.apply(network, request, *operands)
 
 
@@ -83,7 +95,7 @@ def _transformed(operands: Sequence[Tensor]) -> bool:
 
 
 def backward_route(network: Network, operands: Sequence[Tensor]) -> str:
-    """``"planned"`` or ``"recorded"`` for these operands (see :data:`BACKWARD`)."""
+    """The gradient route for these operands (see :data:`BACKWARD`)."""
     if BACKWARD not in BACKWARDS:
         raise ValueError(
             f"tnbackpack.tn.conv_einsum.function.BACKWARD must be one of "
@@ -109,16 +121,18 @@ def backward_route(network: Network, operands: Sequence[Tensor]) -> str:
 
 
 def _measure(network: Network, operands: Sequence[Tensor]) -> str:
-    """Time both routes' forward + backward (CPU time, best of three each).
+    """Time the routes' forward + backward (CPU time, best of three each).
 
     A first untimed run of each settles the routes' own one-time choices
-    (the steps' measured kernels, :mod:`..autotune`).
+    (the steps' measured kernels, :mod:`..autotune`); the rounds interleave
+    the routes. A recorded route must beat the planned one by :data:`MARGIN`.
     """
     copies = [op.detach().requires_grad_(op.requires_grad) for op in operands]
     needing = [op for op in copies if op.requires_grad]
     runs = {
         "planned": lambda: ConvEinsum.apply(network, None, *copies),
-        "recorded": lambda: recorded(network, *copies),
+        "recorded": lambda: recorded(network, *copies, nchw=False),
+        "recorded_nchw": lambda: recorded(network, *copies, nchw=True),
     }
     times = {name: float("inf") for name in runs}
     for repeat in range(4):
@@ -128,11 +142,8 @@ def _measure(network: Network, operands: Sequence[Tensor]) -> str:
             torch.autograd.grad(output, needing, torch.ones_like(output))
             if repeat:
                 times[name] = min(times[name], time.process_time() - start)
-    return (
-        "recorded"
-        if times["recorded"] < (1 - MARGIN) * times["planned"]
-        else ("planned")
-    )
+    times["planned"] *= 1 - MARGIN
+    return min(times, key=times.get)
 
 
 class ConvEinsum(torch.autograd.Function):
