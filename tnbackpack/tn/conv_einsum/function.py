@@ -46,8 +46,12 @@ BACKWARDS = ("auto", "planned", "recorded", "recorded_nchw")
 #: Networks whose planned forward is estimated below this (seconds) are not
 #: measured: the planned backward wins or the difference does not matter.
 MEASURE_ABOVE = 2e-3
-#: The recorded backward must be faster by this fraction to be chosen.
+#: A recorded route must be faster than the planned one by this fraction.
 MARGIN = 0.03
+#: Timed rounds per route (after an untimed one); the fastest counts. Routes
+#: within a few percent of each other swap places between single runs on a
+#: shared machine (±5%), so one round is not enough.
+TIMED = 5
 
 _ROUTES: Dict[Hashable, str] = {}
 
@@ -121,7 +125,7 @@ def backward_route(network: Network, operands: Sequence[Tensor]) -> str:
 
 
 def _measure(network: Network, operands: Sequence[Tensor]) -> str:
-    """Time the routes' forward + backward (CPU time, best of three each).
+    """Time the routes' forward + backward (CPU time, best of :data:`TIMED` each).
 
     A first untimed run of each settles the routes' own one-time choices
     (the steps' measured kernels, :mod:`..autotune`); the rounds interleave
@@ -135,7 +139,7 @@ def _measure(network: Network, operands: Sequence[Tensor]) -> str:
         "recorded_nchw": lambda: recorded(network, *copies, nchw=True),
     }
     times = {name: float("inf") for name in runs}
-    for repeat in range(4):
+    for repeat in range(TIMED + 1):
         for name, run in runs.items():
             start = time.process_time()
             output = run()
