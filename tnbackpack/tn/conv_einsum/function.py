@@ -40,7 +40,8 @@ from .semantics import Network
 #: needing gradients (above :data:`MEASURE_ABOVE`; planned below). On the
 #: benchmark's ResNet-34 shapes (``python -m tnbackpack.benchmark
 #: --conv-einsum``, batch 32, one thread) a recorded route wins on most 7² and
-#: 14² layers, the planned one on CP and Tucker-2 at 56² and 28².
+#: 14² layers, the planned one on most CP and Tucker-2 layers at 28² (the plan
+#: list of the committed table names each row's route).
 BACKWARD = "auto"
 BACKWARDS = ("auto", "planned", "recorded", "recorded_nchw")
 #: Networks whose planned forward is estimated below this (seconds) are not
