@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .graph import records_graph
-from .pattern import source_positions
+from .pattern import pad_by_reading
 from .spec import ConvSpec
 
 
@@ -39,12 +39,8 @@ def padded_input(spec: ConvSpec, x: Tensor) -> Tensor:
     if spec.padding_mode == "zeros":
         return F.pad(x, pads)
     for d, (left, right) in enumerate(spec.padding):
-        if left == right == 0:
-            continue
-        size = x.shape[2 + d]
-        virtual = torch.arange(-left, size + right, device=x.device)
-        real, _ = source_positions(virtual, size, spec.padding_mode)
-        x = x.index_select(2 + d, real)
+        if left or right:
+            x = pad_by_reading(x, 2 + d, left, right, spec.padding_mode)
     return x
 
 

@@ -63,6 +63,35 @@ def source_positions(
     raise ValueError(f"unknown padding_mode {padding_mode!r}")
 
 
+def pad_by_reading(
+    x: Tensor, dim: int, left: int, right: int, padding_mode: str
+) -> Tensor:
+    """Pad dimension ``dim`` by reading real positions (:func:`source_positions`).
+
+    For ``reflect``, ``replicate`` and ``circular``, on any dimension (one call
+    per padded dimension, so any number of them, where ``F.pad`` stops at 3).
+    """
+    size = x.shape[dim]
+    virtual = torch.arange(-left, size + right, device=x.device)
+    real, _ = source_positions(virtual, size, padding_mode)
+    return x.index_select(dim, real)
+
+
+def fold_padding(
+    grad: Tensor, dim: int, left: int, right: int, size: int, padding_mode: str
+) -> Tensor:
+    """Adjoint of :func:`pad_by_reading` on dimension ``dim``.
+
+    Each padded position's gradient is added onto the real position it reads
+    (``size`` real positions).
+    """
+    virtual = torch.arange(-left, size + right, device=grad.device)
+    real, _ = source_positions(virtual, size, padding_mode)
+    shape = list(grad.shape)
+    shape[dim] = size
+    return grad.new_zeros(shape).index_add_(dim, real, grad)
+
+
 def _entries(
     input_size: int,
     output_size: int,

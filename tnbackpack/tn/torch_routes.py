@@ -14,13 +14,12 @@ from __future__ import annotations
 from math import prod
 from typing import Optional, Sequence, Tuple
 
-import torch
 import torch.nn.functional as F
 import torch.nn.grad as conv_grad
 from torch import Tensor
 
 from .patches import padded_input
-from .pattern import source_positions
+from .pattern import fold_padding
 from .simplify import fit_length
 from .spec import ConvSpec
 
@@ -155,12 +154,9 @@ def _unpad_adjoint(
         if spec.padding_mode == "zeros":
             grad_padded = grad_padded.narrow(dim, left, size)
             continue
-        virtual = torch.arange(-left, size + right, device=grad_padded.device)
-        real, _ = source_positions(virtual, size, spec.padding_mode)
-        shape = list(grad_padded.shape)
-        shape[dim] = size
-        folded = grad_padded.new_zeros(shape)
-        grad_padded = folded.index_add_(dim, real, grad_padded)
+        grad_padded = fold_padding(
+            grad_padded, dim, left, right, size, spec.padding_mode
+        )
     return grad_padded
 
 

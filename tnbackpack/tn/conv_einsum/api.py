@@ -9,7 +9,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..pattern import source_positions
+from ..pattern import pad_by_reading
 from .grammar import parse
 from .legs import members
 from .per_sample import PerSampleRequest
@@ -40,15 +40,14 @@ def _check_operands(operands: Sequence) -> None:
             )
 
 
-def _read_positions(spec: Letter, letter: str, padding_mode: str) -> Tensor:
-    """Per padded position of a signal, the real position ``padding_mode`` reads."""
-    left, right = spec.padding
-    virtual = torch.arange(-left, spec.input_size + right)
+def _pad_signal(
+    x: Tensor, dim: int, spec: Letter, letter: str, padding_mode: str
+) -> Tensor:
+    """Pad one dimension of a signal the way ``padding_mode`` reads outside."""
     try:
-        real, _ = source_positions(virtual, spec.input_size, padding_mode)
+        return pad_by_reading(x, dim, *spec.padding, padding_mode)
     except ValueError as error:
         raise ValueError(f"conv_einsum: letter {letter!r}: {error}") from None
-    return real
 
 
 def _freeze(value):
@@ -153,11 +152,12 @@ def conv_einsum(
             if spec.padding == (0, 0):
                 continue
             signal, dim = spec.signal, subscripts[spec.signal].index(letter)
-            real = _read_positions(spec, letter, padding_mode)
-            real = real.to(operands[signal].device)
-            operands[signal] = operands[signal].index_select(dim, real)
+            operands[signal] = _pad_signal(
+                operands[signal], dim, spec, letter, padding_mode
+            )
             if per_sample is not None and signal in per_sample.candidates:
-                per_sample.folds.append((signal, dim, real, spec.input_size))
+                fold = (signal, dim, *spec.padding, spec.input_size, padding_mode)
+                per_sample.folds.append(fold)
     from .function import differentiable, evaluate
 
     if not (torch.is_grad_enabled() and any(op.requires_grad for op in operands)):

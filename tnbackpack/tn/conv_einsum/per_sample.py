@@ -27,6 +27,7 @@ from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 from torch import Tensor
 
+from ..pattern import fold_padding
 from .evaluate import execute
 from .legs import Part, part
 from .planner import Contraction, contraction
@@ -64,9 +65,9 @@ class PerSampleRequest:
         self.candidates = tuple(candidates)
         self.positions = positions or (lambda: self.candidates)
         self.gradients: Optional[Dict[int, Tensor]] = None
-        #: ``(position, dim, read positions, size)`` per padded signal
-        #: dimension (set by ``conv_einsum`` for ``padding_mode != 'zeros'``).
-        self.folds: List[Tuple[int, int, Tensor, int]] = []
+        #: ``(position, dim, left, right, size, padding_mode)`` per padded
+        #: signal dimension (set by ``conv_einsum`` for non-zero padding modes).
+        self.folds: List[Tuple[int, int, int, int, int, str]] = []
         #: Set by the forward, dropped by the backward: what :meth:`compute`
         #: contracts (network, bytes per entry, the wanted positions, the
         #: operands as the network holds them, the saved intermediates).
@@ -116,13 +117,10 @@ class PerSampleRequest:
         ``circular``) got its gradient per padded position: each is added to
         the real position it read.
         """
-        for position, dim, real, size in reversed(self.folds):
+        for position, dim, left, right, size, mode in reversed(self.folds):
             if position in gradients:
-                grad = gradients[position]
-                shape = list(grad.shape)
-                shape[dim + 1] = size
-                gradients[position] = grad.new_zeros(shape).index_add_(
-                    dim + 1, real, grad
+                gradients[position] = fold_padding(
+                    gradients[position], dim + 1, left, right, size, mode
                 )
         self.gradients = gradients
 
