@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .evaluate import execute
-from .per_sample import plan_mixed, run_mixed
+from .per_sample import gradients, plan_mixed
 from .planner import Plan, plan
 from .semantics import Network
 
@@ -179,7 +179,7 @@ class ConvEinsum(torch.autograd.Function):
             ctx.save_for_backward(*operands, *(store[m][0] for m in masks))
             if request is not None:
                 kept = {m: store[m] for m in masks}
-                request.context = (network, itemsize, wanted, operands, kept)
+                request.context = (network, wanted, operands, kept)
                 request.ahead = request.gradients = None
         return output
 
@@ -211,11 +211,7 @@ class ConvEinsum(torch.autograd.Function):
                 grads[contraction.node] = execute(network, contraction, tensors, store)
             return (None, None, *grads)
         summed = tuple(i for i in wanted if i not in asked)
-        tasks, _ = plan_mixed(
-            network, operands[0].element_size(), summed, per_sample,
-            request.batch, frozenset(ctx.masks),
-        )  # fmt: skip
-        results = run_mixed(network, tasks, tensors, store)
+        results = gradients(network, summed, per_sample, request.batch, tensors, store)
         if per_sample:
             request.deliver({i: results[i] for i in per_sample})
         results.update(ahead)
@@ -244,7 +240,7 @@ def _recorded_gradients(
     """Gradients with a graph: the forward plan re-run under autograd."""
     wanted = [i for i, need in enumerate(needs) if need]
     with torch.enable_grad():
-        output = execute(ctx.network, ctx.plan.forward, dict(enumerate(operands)), {})
+        output = recorded(ctx.network, *operands)
         found = torch.autograd.grad(
             output,
             [operands[i] for i in wanted],

@@ -69,8 +69,8 @@ class PerSampleRequest:
         #: signal dimension (set by ``conv_einsum`` for non-zero padding modes).
         self.folds: List[Tuple[int, int, int, int, int, str]] = []
         #: Set by the forward, dropped by the backward: what :meth:`compute`
-        #: contracts (network, bytes per entry, the wanted positions, the
-        #: operands as the network holds them, the saved intermediates).
+        #: contracts (network, the wanted positions, the operands as the
+        #: network holds them, the saved intermediates).
         self.context: Optional[tuple] = None
         #: Per-sample gradients :meth:`compute` made ahead of the backward
         #: (unfolded), with the output gradient they are for.
@@ -85,17 +85,14 @@ class PerSampleRequest:
         """
         if self.context is None:
             return False
-        network, itemsize, wanted, operands, store = self.context
+        network, wanted, operands, store = self.context
         asked = set(self.positions())
         per_sample = tuple(i for i in wanted if i in asked)
         if not per_sample:
             return False
-        tasks, _ = plan_mixed(
-            network, itemsize, (), per_sample, self.batch, frozenset(store)
-        )
         tensors = dict(enumerate(operands))
         tensors[network.output_node] = grad_output
-        results = run_mixed(network, tasks, tensors, store)
+        results = gradients(network, (), per_sample, self.batch, tensors, store)
         self.ahead = (grad_output, results)
         self.deliver(dict(results))
         return True
@@ -234,3 +231,22 @@ def run_mixed(
             if mask not in shared:
                 shared[mask] = (value, part(net, mask))
     return results
+
+
+def gradients(
+    network: Network,
+    summed: Tuple[int, ...],
+    per_sample: Tuple[int, ...],
+    batch: str,
+    tensors: Dict[int, Tensor],
+    store: Dict[int, Tuple[Tensor, str]],
+) -> Dict[int, Tensor]:
+    """Plan (cached) and run summed and per-sample gradients from saved ``store``.
+
+    ``tensors`` holds every operand and, at the output node, its gradient.
+    """
+    itemsize = tensors[network.output_node].element_size()
+    tasks, _ = plan_mixed(
+        network, itemsize, summed, per_sample, batch, frozenset(store)
+    )
+    return run_mixed(network, tasks, tensors, store)
