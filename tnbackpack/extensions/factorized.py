@@ -397,17 +397,29 @@ class FactorizedConvExtension(ModuleExtension):
         params = [getattr(module, f.name) for f in module.factor_plan()]
         if any(_trainable(p) and g is None for p, g in zip(params, grads)):
             return False
-        conv_rule = self.rule.conv_rule
         samples = ext.get_subsampling()
+        grads = [None if g is None else subsample(g, samples) for g in grads]
+        self._store_per_sample(ext, module, grad_output, grads)
+        return True
+
+    def _store_per_sample(
+        self,
+        ext: BackpropExtension,
+        module: FactorizedConvNd,
+        grad_output: Tensor,
+        grads: List[Optional[Tensor]],
+    ) -> None:
+        """The first-order quantities of the bias and of factors' ``[N, *factor]``."""
+        rule = self.rule
+        assert isinstance(rule, FirstOrderRule)
         if _trainable(module.bias):
             spec = module.dense_spec()
             per_sample = functional.bias_vjp(spec, grad_output, per_sample=True)
-            _save(ext, module.bias, conv_rule.bias_quantity(per_sample))
-        for param, grad in zip(params, grads):
+            _save(ext, module.bias, rule.conv_rule.bias_quantity(per_sample))
+        for factor, grad in zip(module.factor_plan(), grads):
+            param = getattr(module, factor.name)
             if _trainable(param):
-                grad = subsample(grad, samples)
-                _save(ext, param, conv_rule.per_sample_quantity(grad))
-        return True
+                _save(ext, param, rule.conv_rule.per_sample_quantity(grad))
 
     def _dense_route(
         self, module: FactorizedConvNd, x: Tensor, carried: Any, to_input: bool
@@ -432,19 +444,10 @@ class FactorizedConvExtension(ModuleExtension):
         grad_output: Tensor,
     ) -> None:
         """Store per-sample factor and bias gradients, by the dense route."""
-        rule = self.rule
-        assert isinstance(rule, FirstOrderRule)
-        if _trainable(module.bias):
-            spec = module.dense_spec()
-            per_sample = functional.bias_vjp(spec, grad_output, per_sample=True)
-            _save(ext, module.bias, rule.conv_rule.bias_quantity(per_sample))
         grads = factorized_dense.per_sample_factor_gradients(
             module, tensors, x, grad_output
         )
-        for factor, grad in zip(module.factor_plan(), grads):
-            param = getattr(module, factor.name)
-            if _trainable(param):
-                _save(ext, param, grad)
+        self._store_per_sample(ext, module, grad_output, grads)
 
 
 def _trainable(param: Optional[Tensor]) -> bool:
